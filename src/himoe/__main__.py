@@ -1,0 +1,5 @@
+import sys
+
+from himoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""`himoe train | generate`: the command line. Bad input exits 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from himoe.config import DEVICES, DTYPES, MODEL_FIELDS, ROUTERS, HiMoEConfig
+from himoe.errors import UserError
+
+CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES}
+HELP = {
+    "n_embd": "embedding / hidden dimension", "n_layer": "number of Transformer layers",
+    "n_head": "attention heads", "block_size": "context window (tokens)",
+    "num_moes": "level-1 choices (MoE blocks)", "num_experts": "level-2 choices per MoE block",
+    "dropout": "dropout rate", "top_k_groups": "MoE blocks chosen per token (level 1)",
+    "top_k_experts": "experts chosen per chosen block (level 2)",
+    "ffn_mult": "expert hidden width as a multiple of n_embd",
+    "router": "hierarchical (the card's) or dense (one plain FFN: the baseline)",
+    "batch_size": "training batch size", "max_iters": "training steps",
+    "lr": "peak learning rate", "warmup_iters": "linear warm-up steps",
+    "min_lr_ratio": "final learning rate as a fraction of the peak",
+    "weight_decay": "AdamW weight decay on matrices", "grad_clip": "gradient-norm clip",
+    "eval_interval": "evaluate and save every this many steps",
+    "eval_iters": "validation batches per evaluation", "seed": "random seed",
+    "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
+    "data_file": "training corpus, a UTF-8 text file (default: the shipped hamlet.txt)",
+    "model_dir": "where the modular checkpoint goes", "sample_tokens": "length of sample.txt",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _flag_type(default, name):
+    kind = type(default) if default is not None else str
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name} needs a {kind.__name__}, got {text!r}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per HiMoEConfig field, card spelling (--num_moes) and dashed (--num-moes).
+    Defaults are suppressed so that we know which flags the user actually gave."""
+    defaults = HiMoEConfig()
+    for f in dataclasses.fields(HiMoEConfig):
+        if f.name == "vocab_size":
+            continue
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        default = getattr(defaults, f.name)
+        parser.add_argument(*names, dest=f.name, type=_flag_type(default, f.name),
+                            choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
+                            help=f"{HELP.get(f.name, '')} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
+             if hasattr(args, f.name)}
+    if not resume:
+        return dataclasses.replace(HiMoEConfig(), **given).validate()
+    from himoe.checkpoint import read_config
+
+    saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
+    for name in MODEL_FIELDS:
+        if name in given and given[name] != getattr(saved, name):
+            raise UserError(f"--{name} {given[name]} differs from the saved model's "
+                            f"{getattr(saved, name)}; drop the flag to resume, or train a new "
+                            "model in another --model_dir")
+    return dataclasses.replace(saved, **given).validate()
+
+
+def cmd_train(args) -> int:
+    from himoe.training.trainer import Trainer
+
+    cfg = config_from_args(args, args.resume)
+    Trainer(cfg, resume=args.resume).train()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from himoe.checkpoint import load_model
+    from himoe.data.corpus import CharTokenizer
+
+    device = "cuda" if args.device == "cuda" or (args.device == "auto"
+                                                 and torch.cuda.is_available()) else "cpu"
+    model, cfg, vocab, _ = load_model(Path(args.model_dir), device)
+    model.eval()
+    tok = CharTokenizer(vocab)
+    context = tok.encode(args.prompt) if args.prompt else [tok.blank_token()]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([context], device=device), args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         use_cache=not args.no_cache, generator=gen)
+    print(args.prompt + tok.decode(out[0, len(context):].tolist()))
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="himoe", description="Hierarchical Mixture-of-Experts language models")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a model (the card's train_himoe.py)")
+    add_config_flags(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in --model_dir")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a saved model")
+    gen.add_argument("--model_dir", "--model-dir", default="model")
+    gen.add_argument("--prompt", default="", help="text to continue (default: blank context)")
+    gen.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=400)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    gen.add_argument("--top_k", "--top-k", type=int, default=None)
+    gen.add_argument("--top_p", "--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=1337)
+    gen.add_argument("--device", choices=DEVICES, default="auto")
+    gen.add_argument("--no_cache", "--no-cache", action="store_true",
+                     help="recompute the context at every step instead of using the KV cache")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"himoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("himoe: interrupted; the last complete save is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

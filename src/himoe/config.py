@@ -1,0 +1,123 @@
+"""HiMoEConfig: the card's hyperparameters plus the few this package adds.
+
+One dataclass holds both model shape and training settings, as the card's table does.
+`MODEL_FIELDS` names the ones that fix the shape of the weights: those come from a saved
+model's config.json on resume and may not be changed by flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from himoe.errors import UserError
+
+ROUTERS = ("hierarchical", "dense")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class HiMoEConfig:
+    # --- model shape (the card's table) ---
+    n_embd: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    block_size: int = 128
+    num_moes: int = 6  # level-1 choices: MoE blocks ("groups")
+    num_experts: int = 8  # level-2 choices inside each MoE block
+    dropout: float = 0.1
+    # --- model shape (ours) ---
+    top_k_groups: int = 1
+    top_k_experts: int = 1
+    ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
+    router: str = "hierarchical"  # "dense" = one plain FFN per block, the baseline
+    vocab_size: int = 0  # set from the tokenizer
+    # --- training (the card's table) ---
+    batch_size: int = 32
+    max_iters: int = 3000
+    lr: float = 3e-4
+    # --- training (the card's "Training Details") ---
+    warmup_iters: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 500
+    eval_iters: int = 20
+    # --- run ---
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    data_file: str | None = None
+    model_dir: str = "model"
+    sample_tokens: int = 400
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.ffn_mult * self.n_embd
+
+    @property
+    def total_experts(self) -> int:
+        return self.num_moes * self.num_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k_groups * self.top_k_experts
+
+    def validate(self) -> HiMoEConfig:
+        positive = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
+                    "top_k_groups", "top_k_experts", "ffn_mult", "batch_size", "max_iters",
+                    "eval_interval", "eval_iters")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}; "
+                            "pick sizes where n_embd % n_head == 0")
+        if self.top_k_groups > self.num_moes:
+            raise UserError(f"--top_k_groups {self.top_k_groups} is larger than --num_moes "
+                            f"{self.num_moes}; use at most {self.num_moes}")
+        if self.top_k_experts > self.num_experts:
+            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than --num_experts "
+                            f"{self.num_experts}; use at most {self.num_experts}")
+        for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"--{name} must be a finite non-negative number, got {value}")
+        if self.lr == 0:
+            raise UserError("--lr must be greater than 0")
+        if self.dropout >= 1:
+            raise UserError(f"--dropout must be below 1, got {self.dropout}")
+        if self.warmup_iters < 0:
+            raise UserError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
+        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name} {getattr(self, name)!r} is not one of "
+                                f"{', '.join(allowed)}")
+        return self
+
+    # --- JSON round trip ---
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HiMoEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"config.json has unknown keys {unknown}; it was written by a "
+                            "newer himoe, upgrade the package")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
+                "top_k_groups", "top_k_experts", "ffn_mult", "router", "vocab_size")
+
+# Flags whose value only affects this process, never the saved model.
+RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file")

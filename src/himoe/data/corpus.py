@@ -1,0 +1,88 @@
+"""Corpus loading, the character-level tokenizer and the contiguous train/validation split."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from himoe.errors import UserError
+
+
+def default_corpus_path() -> Path:
+    """Hamlet, shipped inside the package: the corpus when --data_file is not given."""
+    return Path(str(resources.files("himoe.data").joinpath("hamlet.txt")))
+
+
+def load_corpus(path: str | Path | None) -> tuple[str, Path]:
+    path = Path(path) if path is not None else default_corpus_path()
+    if not path.exists():
+        raise UserError(f"corpus {path} does not exist; pass an existing text file to --data_file")
+    if path.is_dir():
+        raise UserError(f"corpus {path} is a directory; pass one UTF-8 text file to --data_file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError(f"corpus {path} is empty; pass a text file with some text in it")
+    if b"\x00" in raw:
+        raise UserError(f"corpus {path} looks binary (it holds NUL bytes); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus {path} is not valid UTF-8 (byte {e.start}); convert it, for "
+                        f"example with `iconv -t UTF-8 {path}`") from None
+    return text, path
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is saved in config.json."""
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def unknown(self, text: str) -> list[str]:
+        return sorted({c for c in text if c not in self.index})
+
+    def encode(self, text: str) -> list[int]:
+        missing = self.unknown(text)
+        if missing:
+            raise UserError(f"text has characters outside the model's vocabulary: "
+                            f"{''.join(missing)!r}; remove them or train on a corpus that has them")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def blank_token(self) -> int:
+        """The card's 'blank context': a newline where the vocabulary has one."""
+        return self.index.get("\n", 0)
+
+
+def split_train_val(ids: torch.Tensor, block_size: int, val_fraction: float = 0.1):
+    """First 90% for training, last 10% for validation: contiguous, so no text leaks."""
+    n_val = int(len(ids) * val_fraction)
+    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    need = block_size + 1
+    if len(train) < need or len(val) < need:
+        raise UserError(f"corpus of {len(ids)} tokens is too short for --block_size {block_size}: "
+                        f"each of the 90/10 splits needs at least {need} tokens; use a longer "
+                        f"corpus (about {10 * need} characters) or a smaller --block_size")
+    return train, val
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of block_size + 1 tokens; the generator's state is the data position."""
+    ix_B = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets_T = torch.arange(block_size + 1)
+    window_BT = data[ix_B.unsqueeze(1) + offsets_T]
+    return window_BT[:, :-1], window_BT[:, 1:]
