@@ -43,7 +43,8 @@ def _flag_type(default, name):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name} needs a {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"--{name} needs a {kind.__name__}, got {text!r}") from None
         return value
 
     convert.__name__ = kind.__name__

@@ -21,8 +21,10 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
     try:
         # Sizes that are multiples of 16 bytes; one empty group, as real batches have.
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(3, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        # Values from a private generator: the probe must not move the global RNG streams.
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 16, generator=gen).to(device_type, dtype).requires_grad_()
+        w = torch.randn(3, 16, 16, generator=gen).to(device_type, dtype).requires_grad_()
         offs = torch.tensor([3, 3, 8], device=device_type, dtype=torch.int32)
         y = grouped_mm(x, w, offs=offs)
         y.backward(torch.ones_like(y))

@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from himoe.config import HiMoEConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> HiMoEConfig:
+    """A model small enough for a test to train in seconds on a CPU."""
+    base = dict(n_embd=32, n_layer=2, n_head=2, block_size=16, num_moes=3, num_experts=4,
+                dropout=0.0, batch_size=4, max_iters=8, eval_interval=4, eval_iters=2,
+                warmup_iters=2, vocab_size=20, sample_tokens=60, device="cpu")
+    base.update(overrides)
+    return HiMoEConfig(**base).validate()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config

@@ -1,0 +1,129 @@
+"""The MoE layer against naive references: per-token loop, dense FFN, router gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from himoe.model import DenseFFN, HiMoEModel, MoELayer
+from himoe.model.experts import ExpertBank, grouped_mm_supported, segment_matmul
+from tests.conftest import tiny_config
+
+
+def naive_experts(bank: ExpertBank, x_TD, ids_TK, weights_TK):
+    """One token, one expert at a time: the definition the fast path must match."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros_like(x_TD[t])
+        for e, w in zip(ids_TK[t].tolist(), weights_TK[t]):
+            h = F.gelu(x_TD[t] @ bank.w1_EDF[e] + bank.b1_EF[e])
+            y = y + w * (h @ bank.w2_EFD[e] + bank.b2_ED[e])
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("use_gmm", [True, False])
+def test_dispatch_matches_per_token_reference_forward_and_backward(k, use_gmm, monkeypatch):
+    if use_gmm and not grouped_mm_supported("cpu", torch.float32):
+        pytest.skip("grouped_mm not available in this torch build")
+    monkeypatch.setattr("himoe.model.experts.grouped_mm_supported", lambda *a: use_gmm)
+    torch.manual_seed(0)
+    E, D, T = 6, 16, 40
+    bank = ExpertBank(E, D, 32, n_layer=1)
+    with torch.no_grad():  # nonzero biases so that a bias bug would show
+        bank.b1_EF.normal_()
+        bank.b2_ED.normal_()
+    x = torch.randn(T, D, requires_grad=True)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    ids[:, 0] = ids[:, 0].clamp(max=E - 2)  # expert E-1 may get few tokens; fine
+    weights = torch.rand(T, k, requires_grad=True)
+    out = bank(x, ids, weights)
+    ref = naive_experts(bank, x, ids, weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, weights, *bank.parameters()], grad_out)
+    want = torch.autograd.grad(ref, [x, weights, *bank.parameters()], grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_and_loop_agree_and_idle_experts_get_zero_gradient():
+    if not grouped_mm_supported("cpu", torch.float32):
+        pytest.skip("grouped_mm not available in this torch build")
+    torch.manual_seed(1)
+    x = torch.randn(10, 16)
+    w = torch.randn(4, 16, 8, requires_grad=True)
+    counts = torch.tensor([3, 0, 7, 0])  # two experts receive no tokens
+    grads = []
+    for use_gmm in (True, False):
+        y = segment_matmul(x, w, counts, use_gmm)
+        grads.append(torch.autograd.grad(y.square().sum(), w)[0])
+        if use_gmm:
+            y_gmm = y
+    torch.testing.assert_close(y_gmm, y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-5)
+    assert torch.all(grads[0][[1, 3]] == 0)
+
+
+def test_one_group_of_one_expert_is_a_dense_ffn():
+    torch.manual_seed(2)
+    cfg = tiny_config(num_moes=1, num_experts=1)
+    moe = MoELayer(cfg)
+    dense = DenseFFN(cfg.n_embd, cfg.ffn_hidden)
+    with torch.no_grad():
+        dense.fc1.weight.copy_(moe.experts.w1_EDF[0].t())
+        dense.fc1.bias.copy_(moe.experts.b1_EF[0])
+        dense.fc2.weight.copy_(moe.experts.w2_EFD[0].t())
+        dense.fc2.bias.copy_(moe.experts.b2_ED[0])
+    x = torch.randn(3, 5, cfg.n_embd)
+    torch.testing.assert_close(moe(x), dense(x), atol=1e-6, rtol=1e-5)
+
+
+def test_whole_model_with_one_expert_equals_dense_model():
+    torch.manual_seed(3)
+    moe_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1)).eval()
+    dense_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, router="dense")).eval()
+    state = {k: v for k, v in moe_model.state_dict().items() if ".ffn." not in k}
+    for i, block in enumerate(moe_model.blocks):
+        bank = block.ffn.experts
+        state[f"blocks.{i}.ffn.fc1.weight"] = bank.w1_EDF[0].t()
+        state[f"blocks.{i}.ffn.fc1.bias"] = bank.b1_EF[0]
+        state[f"blocks.{i}.ffn.fc2.weight"] = bank.w2_EFD[0].t()
+        state[f"blocks.{i}.ffn.fc2.bias"] = bank.b2_ED[0]
+    dense_model.load_state_dict(state)
+    idx = torch.randint(0, 20, (2, 12))
+    torch.testing.assert_close(moe_model(idx)[0], dense_model(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kg,ke", [(1, 1), (2, 2)])
+def test_both_routers_of_every_layer_get_gradient(kg, ke):
+    torch.manual_seed(4)
+    model = HiMoEModel(tiny_config(top_k_groups=kg, top_k_experts=ke, n_layer=3))
+    idx = torch.randint(0, 20, (4, 16))
+    _, loss = model(idx, idx.roll(-1, dims=1))
+    loss.backward()
+    assert len(model.moe_layers) == 3
+    for moe in model.moe_layers.values():
+        assert moe.router.main_weight_ND.grad.abs().sum() > 0
+        assert moe.router.group_weight_NMD.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kg,ke", [(1, 1), (2, 1), (2, 3)])
+def test_router_ids_and_weights_follow_the_formula(kg, ke):
+    torch.manual_seed(5)
+    cfg = tiny_config(top_k_groups=kg, top_k_experts=ke)
+    router = MoELayer(cfg).router
+    x = torch.randn(30, cfg.n_embd)
+    r = router(x)
+    N, M = cfg.num_moes, cfg.num_experts
+    assert r.ids_TK.shape == (30, kg * ke)
+    assert r.ids_TK.min() >= 0 and r.ids_TK.max() < N * M
+    p1 = F.softmax(x @ router.main_weight_ND.t(), -1)
+    for t in range(30):
+        groups = (r.ids_TK[t] // M).tolist()
+        assert set(groups) == set(p1[t].topk(kg).indices.tolist())
+        for e, w in zip(r.ids_TK[t].tolist(), r.weights_TK[t]):
+            g, j = divmod(e, M)
+            p2 = F.softmax(x[t] @ router.group_weight_NMD[g].t(), -1)
+            assert p2[j] >= p2.topk(ke).values[-1] - 1e-7  # j is among its group's top ke
+            torch.testing.assert_close(w, p1[t, g] * p2[j])

@@ -1,0 +1,81 @@
+"""Training: exact resume, schedule, parameter counts at the card's defaults."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from himoe import checkpoint
+from himoe.config import HiMoEConfig
+from himoe.model import HiMoEModel
+from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.trainer import Trainer
+from tests.conftest import tiny_config
+
+
+def run_cfg(tmp_path, name, **overrides):
+    cfg = tiny_config(model_dir=str(tmp_path / name), max_iters=10, eval_interval=5,
+                      dropout=0.1, **overrides)
+    return cfg
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, capsys):
+    straight = Trainer(run_cfg(tmp_path, "a")).train()
+    first = Trainer(run_cfg(tmp_path, "b")).train(stop_at=5)
+    assert first.step == 5 and not (tmp_path / "b" / "sample.txt").exists()
+    second = Trainer(run_cfg(tmp_path, "b"), resume=True).train()
+    assert second.step == 10
+    # Dropout, data order and AdamW moments all continue exactly: equal, not close.
+    assert first.train_losses + second.train_losses == straight.train_losses
+    a, _, _, step_a = checkpoint.load_model(tmp_path / "a")
+    b, _, _, step_b = checkpoint.load_model(tmp_path / "b")
+    assert step_a == step_b == 10
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    samples = [(tmp_path / d / "sample.txt").read_text() for d in ("a", "b")]
+    assert samples[0] == samples[1]
+
+
+def test_routers_of_both_levels_change_between_saves(tmp_path):
+    model_dir = tmp_path / "r"
+
+    def routers():
+        return {str(p.relative_to(model_dir)): torch.load(p, weights_only=True)["weight"]
+                for p in model_dir.rglob("*router.pt")}
+
+    Trainer(run_cfg(tmp_path, "r")).train(stop_at=5)
+    before = routers()
+    Trainer(run_cfg(tmp_path, "r"), resume=True).train()
+    after = routers()
+    assert len(before) == 2 * (1 + 3)  # per layer: one main router, one per group
+    for name in before:
+        assert not torch.equal(before[name], after[name]), f"{name} did not learn"
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = HiMoEConfig(lr=3e-4, max_iters=3000, warmup_iters=100)
+    assert lr_at(0, cfg) == pytest.approx(3e-6)
+    assert lr_at(99, cfg) == pytest.approx(3e-4)
+    assert lr_at(100, cfg) == pytest.approx(3e-4)
+    assert lr_at(1550, cfg) == pytest.approx(0.5 * (3e-4 + 3e-5))
+    assert lr_at(3000, cfg) == pytest.approx(3e-5)
+    values = [lr_at(s, cfg) for s in range(100, 3001, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    model = HiMoEModel(tiny_config())
+    opt = build_optimizer(model, tiny_config())
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_parameter_counts_at_card_defaults_are_near_the_cards():
+    cfg = dataclasses.replace(HiMoEConfig(), vocab_size=65)  # Hamlet's character set
+    total, active = HiMoEModel(cfg).parameter_counts()
+    assert total == pytest.approx(52e6, rel=0.05)
+    assert active == pytest.approx(1.7e6, rel=0.05)
+    assert active / total == pytest.approx(0.033, abs=0.003)
