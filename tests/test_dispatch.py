@@ -127,3 +127,32 @@ def test_router_ids_and_weights_follow_the_formula(kg, ke):
             p2 = F.softmax(x[t] @ router.group_weight_NMD[g].t(), -1)
             assert p2[j] >= p2.topk(ke).values[-1] - 1e-7  # j is among its group's top ke
             torch.testing.assert_close(w, p1[t, g] * p2[j])
+
+
+def test_capacity_keeps_the_highest_weights_and_reports_drops():
+    from himoe.model.moe import apply_capacity
+
+    torch.manual_seed(6)
+    T, K, E = 64, 2, 4
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    ids[:40, 0] = 0  # expert 0 is oversubscribed
+    weights = torch.rand(T, K)
+    kept = apply_capacity(ids, weights, E, capacity_factor=1.0)
+    capacity = T * K // E
+    for e in range(E):
+        mine = ids == e
+        survivors = kept[mine]
+        assert (survivors == e).sum() == min(int(mine.sum()), capacity)
+        if mine.sum() > capacity:  # every kept weight >= every dropped weight
+            kept_w, dropped_w = weights[mine & (kept == e)], weights[mine & (kept < 0)]
+            assert kept_w.min() >= dropped_w.max()
+    # The layer: a dropped assignment contributes nothing, the rest are unchanged.
+    moe = MoELayer(tiny_config(capacity_factor=0.5))
+    x = torch.randn(2, 16, 32)
+    y = moe(x)
+    assert moe.last_dropped > 0
+    routing = moe.router(x.view(-1, 32))
+    ids_kept = apply_capacity(routing.ids_TK, routing.weights_TK, 12, 0.5)
+    ref = naive_experts(moe.experts, x.view(-1, 32), ids_kept.clamp(min=0),
+                        routing.weights_TK * (ids_kept >= 0))
+    torch.testing.assert_close(y.view(-1, 32), ref, atol=1e-5, rtol=1e-5)

@@ -34,6 +34,7 @@ class HiMoEConfig:
     top_k_experts: int = 1
     ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
     router: str = "hierarchical"  # "dense" = one plain FFN per block, the baseline
+    capacity_factor: float = 0.0  # 0: dropless; else each expert takes <= cf * T * k / E
     vocab_size: int = 0  # set from the tokenizer
     # --- training (the card's table) ---
     batch_size: int = 32
@@ -82,7 +83,8 @@ class HiMoEConfig:
         if self.top_k_experts > self.num_experts:
             raise UserError(f"--top_k_experts {self.top_k_experts} is larger than --num_experts "
                             f"{self.num_experts}; use at most {self.num_experts}")
-        for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio"):
+        for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio",
+                     "capacity_factor"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"--{name} must be a finite non-negative number, got {value}")

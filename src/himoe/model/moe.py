@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,13 +18,37 @@ class MoELayer(nn.Module):
         self.router = HierarchicalRouter(cfg.n_embd, cfg.num_moes, cfg.num_experts,
                                          cfg.top_k_groups, cfg.top_k_experts)
         self.experts = ExpertBank(cfg.total_experts, cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
+        self.capacity_factor = cfg.capacity_factor
         # The last forward's choices, detached: read by balance figures, logs and analysis.
         self.last_ids_TK: torch.Tensor | None = None
         self.last_weights_TK: torch.Tensor | None = None
+        self.last_dropped = 0  # assignments over capacity in the last forward
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
+        ids_TK = routing.ids_TK
+        if self.capacity_factor > 0:
+            ids_TK = apply_capacity(ids_TK, routing.weights_TK.detach(),
+                                    self.experts.num_experts, self.capacity_factor)
+            self.last_dropped = int((ids_TK < 0).sum())
         self.last_ids_TK, self.last_weights_TK = routing.ids_TK, routing.weights_TK.detach()
-        return self.experts(x_TD, routing.ids_TK, routing.weights_TK).view(B, T, D)
+        return self.experts(x_TD, ids_TK, routing.weights_TK).view(B, T, D)
+
+
+def apply_capacity(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                   capacity_factor: float) -> torch.Tensor:
+    """Each expert takes at most ceil(capacity_factor * T * K / E) assignments. Drop policy:
+    an expert over capacity keeps its highest-weight assignments (ties: earlier tokens) and
+    the rest get id -1, so those tokens skip that expert and pass on through the residual."""
+    flat_ids_S, flat_w_S = ids_TK.reshape(-1), weights_TK.reshape(-1)
+    capacity = math.ceil(capacity_factor * flat_ids_S.numel() / num_experts)
+    by_weight_S = flat_w_S.argsort(descending=True, stable=True)
+    order_S = by_weight_S[flat_ids_S[by_weight_S].argsort(stable=True)]  # expert, then weight
+    counts_E = torch.bincount(flat_ids_S, minlength=num_experts)
+    rank_S = torch.arange(len(order_S), device=ids_TK.device) - (counts_E.cumsum(0) - counts_E)[
+        flat_ids_S[order_S]]
+    dropped_ids_S = flat_ids_S.clone()
+    dropped_ids_S[order_S[rank_S >= capacity]] = -1
+    return dropped_ids_S.view_as(ids_TK)

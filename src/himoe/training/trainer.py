@@ -23,6 +23,7 @@ from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train_val
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import build_optimizer, lr_at
 
 
@@ -88,6 +89,7 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     moe = model.moe_layers
     counts = {i: torch.zeros(cfg.total_experts, dtype=torch.long) for i in moe}
+    dropped = dict.fromkeys(moe, 0)
     losses = []
     for _ in range(cfg.eval_iters):
         x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)
@@ -97,10 +99,12 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
         for i, layer in moe.items():
             counts[i] += torch.bincount(layer.last_ids_TK.reshape(-1).cpu(),
                                         minlength=cfg.total_experts)
+            dropped[i] += layer.last_dropped
     model.train(was_training)
     val_loss = sum(losses) / len(losses)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-            "layers": [load_figures(counts[i], cfg.num_moes) for i in sorted(counts)]}
+            "layers": [load_figures(counts[i], cfg.num_moes) | {
+                "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
 
 
 class Trainer:
@@ -108,6 +112,7 @@ class Trainer:
         self.out = out
         self.model_dir = Path(cfg.model_dir)
         self.device, self.dtype = resolve_device(cfg)
+        keep_freed_memory()
         text, corpus_path = load_corpus(cfg.data_file)
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
