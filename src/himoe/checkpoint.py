@@ -68,15 +68,21 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     files = {"backbone.pt": backbone}
     M = cfg.num_experts
     for layer in sorted(moe_layers):
-        files[main_router_file(cfg, layer)] = {
-            "weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
-        group_w = state[_moe_key(layer, "router.group_weight_NMD")]
+        if cfg.router == "hierarchical":
+            files[main_router_file(cfg, layer)] = {
+                "weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
+            group_w = state[_moe_key(layer, "router.group_weight_NMD")]
+            for g in range(cfg.num_moes):
+                files[group_router_file(cfg, layer, g)] = {"weight": group_w[g].clone()}
+        else:  # one router over all experts, with its buffers (e.g. the logit EMA)
+            prefix = _moe_key(layer, "router.")
+            files[main_router_file(cfg, layer)] = {
+                k.removeprefix(prefix): v.clone() for k, v in state.items() if k.startswith(prefix)}
         w1 = state[_moe_key(layer, "experts.w1_EDF")]
         b1 = state[_moe_key(layer, "experts.b1_EF")]
         w2 = state[_moe_key(layer, "experts.w2_EFD")]
         b2 = state[_moe_key(layer, "experts.b2_ED")]
         for g in range(cfg.num_moes):
-            files[group_router_file(cfg, layer, g)] = {"weight": group_w[g].clone()}
             for j in range(M):
                 e = g * M + j
                 files[expert_file(cfg, layer, g, j)] = {
@@ -105,11 +111,17 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
     state["lm_head.weight"] = state.get("tok_emb.weight")
     M = cfg.num_experts
     for layer in moe_layers:
-        state[_moe_key(layer, "router.main_weight_ND")] = _get(
-            model_dir, main_router_file(cfg, layer), "weight")
-        groups, w1, b1, w2, b2 = [], [], [], [], []
+        if cfg.router == "hierarchical":
+            state[_moe_key(layer, "router.main_weight_ND")] = _get(
+                model_dir, main_router_file(cfg, layer), "weight")
+            state[_moe_key(layer, "router.group_weight_NMD")] = torch.stack([
+                _get(model_dir, group_router_file(cfg, layer, g), "weight")
+                for g in range(cfg.num_moes)])
+        else:
+            router = load_weight_file(model_dir / main_router_file(cfg, layer))
+            state.update({_moe_key(layer, f"router.{k}"): v for k, v in router.items()})
+        w1, b1, w2, b2 = [], [], [], []
         for g in range(cfg.num_moes):
-            groups.append(_get(model_dir, group_router_file(cfg, layer, g), "weight"))
             for j in range(M):
                 sd = load_weight_file(model_dir / expert_file(cfg, layer, g, j))
                 name = expert_file(cfg, layer, g, j)
@@ -117,7 +129,6 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
                 b1.append(_pick(sd, "fc1.bias", name))
                 w2.append(_pick(sd, "fc2.weight", name).t())
                 b2.append(_pick(sd, "fc2.bias", name))
-        state[_moe_key(layer, "router.group_weight_NMD")] = torch.stack(groups)
         for name, parts in (("w1_EDF", w1), ("b1_EF", b1), ("w2_EFD", w2), ("b2_ED", b2)):
             state[_moe_key(layer, f"experts.{name}")] = _stack(parts, model_dir, layer)
     expected = model.state_dict()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from himoe.errors import UserError
 
-ROUTERS = ("hierarchical", "dense")
+ROUTERS = ("hierarchical", "grouped", "dense")
+REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,6 +36,17 @@ class HiMoEConfig:
     ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
     router: str = "hierarchical"  # "dense" = one plain FFN per block, the baseline
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes <= cf * T * k / E
+    # --- routing losses and the grouped router (all off for the card) ---
+    switch_coef: float = 0.0  # Switch load balancing (per level for the hierarchical router)
+    z_coef: float = 0.0  # router z-loss
+    inter_coef: float = 0.0  # Hi-MoE R_inter, lambda2 (paper: 0.05)
+    intra_coef: float = 0.0  # Hi-MoE R_intra, lambda1 (paper: 0.1)
+    reg_form: str = "l2"  # "l2" or "entropy" form of R_inter and R_intra
+    intra_conditional: bool = False  # R_intra on within-group probabilities
+    intra_warmup: int = 0  # steps over which R_intra ramps in from 0 (stage 2 of the paper)
+    bias_tau: float = 0.01  # grouped router: logit correction tau * EMA(logits)
+    ema_beta: float = 0.9
+    router_temp: float = 1.0
     vocab_size: int = 0  # set from the tokenizer
     # --- training (the card's table) ---
     batch_size: int = 32
@@ -65,6 +77,8 @@ class HiMoEConfig:
 
     @property
     def experts_per_token(self) -> int:
+        if self.router == "grouped":  # top_k_experts inside every group
+            return self.num_moes * self.top_k_experts
         return self.top_k_groups * self.top_k_experts
 
     def validate(self) -> HiMoEConfig:
@@ -84,7 +98,8 @@ class HiMoEConfig:
             raise UserError(f"--top_k_experts {self.top_k_experts} is larger than --num_experts "
                             f"{self.num_experts}; use at most {self.num_experts}")
         for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio",
-                     "capacity_factor"):
+                     "capacity_factor", "switch_coef", "z_coef", "inter_coef", "intra_coef",
+                     "bias_tau", "ema_beta", "router_temp"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"--{name} must be a finite non-negative number, got {value}")
@@ -94,7 +109,11 @@ class HiMoEConfig:
             raise UserError(f"--dropout must be below 1, got {self.dropout}")
         if self.warmup_iters < 0:
             raise UserError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES}
+        if self.router_temp == 0:
+            raise UserError("--router_temp must be greater than 0")
+        if self.intra_warmup < 0:
+            raise UserError(f"--intra_warmup must be >= 0, got {self.intra_warmup}")
+        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of "

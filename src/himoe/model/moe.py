@@ -9,25 +9,26 @@ from torch import nn
 
 from himoe.config import HiMoEConfig
 from himoe.model.experts import ExpertBank
-from himoe.model.routing import HierarchicalRouter
+from himoe.model.routing import build_router
 
 
 class MoELayer(nn.Module):
     def __init__(self, cfg: HiMoEConfig):
         super().__init__()
-        self.router = HierarchicalRouter(cfg.n_embd, cfg.num_moes, cfg.num_experts,
-                                         cfg.top_k_groups, cfg.top_k_experts)
+        self.router = build_router(cfg)
         self.experts = ExpertBank(cfg.total_experts, cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         self.capacity_factor = cfg.capacity_factor
         # The last forward's choices, detached: read by balance figures, logs and analysis.
         self.last_ids_TK: torch.Tensor | None = None
         self.last_weights_TK: torch.Tensor | None = None
         self.last_dropped = 0  # assignments over capacity in the last forward
+        self.last_aux: dict[str, torch.Tensor] = {}  # scaled auxiliary losses, with grad
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
+        self.last_aux = routing.aux
         ids_TK = routing.ids_TK
         if self.capacity_factor > 0:
             ids_TK = apply_capacity(ids_TK, routing.weights_TK.detach(),

@@ -2,23 +2,39 @@
 
 Flat id of expert j in group g is g * M + j, so a single dispatch path serves every router.
 Routers compute in fp32 whatever the autocast dtype: softmax over small logits is where
-low precision hurts routing decisions most.
+low precision hurts routing decisions most. Each router also returns its auxiliary loss
+terms, already scaled by their coefficients (only those with a nonzero coefficient).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from himoe.config import HiMoEConfig
+from himoe.model import losses
 
 
 @dataclass
 class Routing:
     ids_TK: torch.Tensor  # int64 flat expert ids
     weights_TK: torch.Tensor  # fp32 combine weights
-    group_probs_TN: torch.Tensor  # level-1 probabilities (for balance figures and losses)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # scaled auxiliary terms
+
+
+def hi_moe_terms(cfg: HiMoEConfig, probs_TE: torch.Tensor, intra_scale: float) -> dict:
+    """The Hi-MoE regularisers on a distribution over all E experts."""
+    aux = {}
+    if cfg.inter_coef:
+        aux["inter"] = cfg.inter_coef * losses.inter_group_reg(probs_TE, cfg.num_moes,
+                                                               cfg.reg_form)
+    if cfg.intra_coef and intra_scale > 0:
+        aux["intra"] = cfg.intra_coef * intra_scale * losses.intra_group_reg(
+            probs_TE, cfg.num_moes, cfg.reg_form, cfg.intra_conditional)
+    return aux
 
 
 class HierarchicalRouter(nn.Module):
@@ -26,27 +42,105 @@ class HierarchicalRouter(nn.Module):
     top_k_experts of its M experts. Combine weight = p1[g] * p2[g, j], so the language-model
     loss reaches both levels (a bare argmax would give neither router any gradient)."""
 
-    def __init__(self, n_embd: int, num_groups: int, num_experts: int,
-                 top_k_groups: int = 1, top_k_experts: int = 1):
+    def __init__(self, cfg: HiMoEConfig):
         super().__init__()
-        self.num_groups, self.num_experts = num_groups, num_experts
-        self.top_k_groups, self.top_k_experts = top_k_groups, top_k_experts
-        self.main_weight_ND = nn.Parameter(torch.empty(num_groups, n_embd))
-        self.group_weight_NMD = nn.Parameter(torch.empty(num_groups, num_experts, n_embd))
+        self.cfg = cfg
+        self.main_weight_ND = nn.Parameter(torch.empty(cfg.num_moes, cfg.n_embd))
+        self.group_weight_NMD = nn.Parameter(torch.empty(cfg.num_moes, cfg.num_experts,
+                                                         cfg.n_embd))
         nn.init.normal_(self.main_weight_ND, std=0.02)
         nn.init.normal_(self.group_weight_NMD, std=0.02)
+        self.intra_scale = 1.0  # set by the trainer for the R_intra warm-up
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        N, M = self.num_groups, self.num_experts
+        cfg = self.cfg
+        N, M = cfg.num_moes, cfg.num_experts
         x32_TD = x_TD.float()
-        p1_TN = F.softmax(x32_TD @ self.main_weight_ND.float().t(), dim=-1)
-        p1_TG, g_TG = p1_TN.topk(self.top_k_groups, dim=-1)  # G = top_k_groups
+        logits1_TN = x32_TD @ self.main_weight_ND.float().t()
+        p1_TN = F.softmax(logits1_TN, dim=-1)
+        p1_TG, g_TG = p1_TN.topk(cfg.top_k_groups, dim=-1)  # G = top_k_groups
         # All N*M level-2 logits in one matmul (M is small), then keep the chosen groups' rows:
         # gradient reaches only the routers of the groups that were picked.
         logits2_TNM = (x32_TD @ self.group_weight_NMD.float().reshape(N * M, -1).t()).view(-1, N, M)
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
-        p2_TGM = F.softmax(logits2_TNM.gather(1, idx_TGM), dim=-1)
-        p2_TGJ, j_TGJ = p2_TGM.topk(self.top_k_experts, dim=-1)  # J = top_k_experts
+        logits2_TGM = logits2_TNM.gather(1, idx_TGM)
+        p2_TGM = F.softmax(logits2_TGM, dim=-1)
+        p2_TGJ, j_TGJ = p2_TGM.topk(cfg.top_k_experts, dim=-1)  # J = top_k_experts
         ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
         weights_TK = (p1_TG.unsqueeze(-1) * p2_TGJ).flatten(1)
-        return Routing(ids_TK, weights_TK, p1_TN)
+        aux = {}
+        if cfg.switch_coef:
+            aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ)
+        if cfg.z_coef:
+            aux["z"] = cfg.z_coef * (losses.z_loss(logits1_TN)
+                                     + losses.z_loss(logits2_TGM.reshape(-1, M)))
+        if cfg.inter_coef or cfg.intra_coef:
+            # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
+            pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
+            aux |= hi_moe_terms(cfg, pi_TE, self.intra_scale)
+        return Routing(ids_TK, weights_TK, aux)
+
+
+def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ) -> torch.Tensor:
+    """Switch loss at both levels: N * sum_g f_g P_g over groups, plus for each group
+    M * sum_j f_{j|g} P_{j|g} over the tokens that reached it, weighted by its share."""
+    N, M = p1_TN.shape[1], p2_TGM.shape[2]
+    level1 = losses.switch_loss(p1_TN, g_TG)
+    group_S = g_TG.reshape(-1)  # one row per (token, chosen group)
+    p2_SM = p2_TGM.reshape(-1, M)
+    n_N = torch.bincount(group_S, minlength=N).to(p2_SM.dtype)
+    prob_sum_NM = torch.zeros(N, M, dtype=p2_SM.dtype, device=p2_SM.device).index_add(
+        0, group_S, p2_SM)
+    picks_NM = torch.zeros(N * M, dtype=p2_SM.dtype, device=p2_SM.device).index_add(
+        0, (g_TG.unsqueeze(-1) * M + j_TGJ).reshape(-1),
+        torch.ones(j_TGJ.numel(), dtype=p2_SM.dtype, device=p2_SM.device)).view(N, M)
+    n_safe_N = n_N.clamp_min(1)
+    f_NM = picks_NM / (n_safe_N * j_TGJ.shape[-1]).unsqueeze(-1)
+    P_NM = prob_sum_NM / n_safe_N.unsqueeze(-1)
+    share_N = n_N / n_N.sum()
+    return level1 + (share_N * M * (f_NM * P_NM).sum(-1)).sum()
+
+
+class GroupedRouter(nn.Module):
+    """The Hi-MoE paper's router: one softmax over all E experts with a bias correction from
+    an EMA of the logits (training only), the top top_k_experts inside every group (so every
+    group gets the same traffic by construction), weights renormalised over the chosen
+    experts and multiplied by a learnable per-expert scale."""
+
+    def __init__(self, cfg: HiMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.total_experts
+        self.weight_ED = nn.Parameter(torch.empty(E, cfg.n_embd))
+        nn.init.normal_(self.weight_ED, std=0.02)
+        self.expert_scale_E = nn.Parameter(torch.ones(E))
+        self.register_buffer("logit_ema_E", torch.zeros(E))
+        self.intra_scale = 1.0
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        N, M = cfg.num_moes, cfg.num_experts
+        z_TE = x_TD.float() @ self.weight_ED.float().t()
+        if self.training:
+            with torch.no_grad():  # updated before use, as in the reference code
+                self.logit_ema_E.mul_(cfg.ema_beta).add_((1 - cfg.ema_beta) * z_TE.mean(0))
+            pi_TE = F.softmax((z_TE - cfg.bias_tau * self.logit_ema_E) / cfg.router_temp, -1)
+        else:
+            pi_TE = F.softmax(z_TE / cfg.router_temp, -1)
+        top_TNJ, j_TNJ = pi_TE.view(-1, N, M).topk(cfg.top_k_experts, dim=-1)
+        group_N11 = torch.arange(N, device=x_TD.device).view(1, N, 1)
+        ids_TK = (group_N11 * M + j_TNJ).flatten(1)
+        weights_TK = top_TNJ.flatten(1)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True) * self.expert_scale_E[ids_TK]
+        aux = {}
+        raw_TE = F.softmax(z_TE, -1)
+        if cfg.switch_coef:
+            aux["switch"] = cfg.switch_coef * losses.switch_loss(raw_TE, ids_TK)
+        if cfg.z_coef:
+            aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
+        aux |= hi_moe_terms(cfg, raw_TE, self.intra_scale)
+        return Routing(ids_TK, weights_TK, aux)
+
+
+def build_router(cfg: HiMoEConfig) -> nn.Module:
+    return {"hierarchical": HierarchicalRouter, "grouped": GroupedRouter}[cfg.router](cfg)

@@ -76,7 +76,24 @@ class HiMoEModel(nn.Module):
         loss = None
         if targets_BT is not None:
             loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1))
+            if self.training:  # auxiliary routing terms train the routers, never evaluate
+                aux = [t for moe in self.moe_layers.values() for t in moe.last_aux.values()]
+                if aux:
+                    loss = loss + torch.stack(aux).sum()
         return logits_BTV, loss
+
+    def aux_losses(self) -> dict[str, float]:
+        """The last forward's auxiliary terms, summed over layers, for logging."""
+        totals: dict[str, float] = {}
+        for moe in self.moe_layers.values():
+            for name, value in moe.last_aux.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach())
+        return totals
+
+    def set_intra_scale(self, scale: float) -> None:
+        """R_intra's warm-up factor (stage 2 of the Hi-MoE schedule), set every step."""
+        for moe in self.moe_layers.values():
+            moe.router.intra_scale = scale
 
     def parameter_counts(self) -> tuple[int, int]:
         """(total, active per token). Active counts the level-1 router, the chosen groups'
@@ -87,8 +104,9 @@ class HiMoEModel(nn.Module):
         for moe in self.moe_layers.values():
             bank = sum(p.numel() for p in moe.experts.parameters())
             active -= bank - bank // cfg.total_experts * cfg.experts_per_token
-            level2 = moe.router.group_weight_NMD.numel()
-            active -= level2 - level2 // cfg.num_moes * cfg.top_k_groups
+            if cfg.router == "hierarchical":  # only the chosen groups' level-2 routers run
+                level2 = moe.router.group_weight_NMD.numel()
+                active -= level2 - level2 // cfg.num_moes * cfg.top_k_groups
         return total, active
 
     @torch.no_grad()

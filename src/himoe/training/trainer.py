@@ -188,6 +188,8 @@ class Trainer:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.intra_warmup:
+                model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
             x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
             with autocast(self.device, self.dtype):

@@ -1,0 +1,58 @@
+"""Auxiliary routing losses (formulas in the design notes, ROUTING.md). Pure functions of the
+router's fp32 logits and probabilities, so each is easy to check by hand.
+
+T tokens, E experts, N groups of M experts (E = N * M), K assignments per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i: f_i = share of assignments (k per token) that went to expert i,
+    P_i = mean router probability of i. Equals 1 at perfect balance; gradient flows via P."""
+    E = probs_TE.shape[1]
+    counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
+    f_E = counts_E / ids_TK.shape[0]
+    return E * (f_E * probs_TE.mean(0)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """mean_x logsumexp(z)^2: keeps router logits small, so softmax stays well conditioned."""
+    return logits_TE.logsumexp(-1).square().mean()
+
+
+def group_mass(probs_TE: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """m_g(x) = sum of the probabilities of group g's experts: [T, N]."""
+    return probs_TE.view(probs_TE.shape[0], num_groups, -1).sum(-1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def intra_group_reg(probs_TE: torch.Tensor, num_groups: int, form: str = "l2",
+                    conditional: bool = False) -> torch.Tensor:
+    """Hi-MoE intra-group specialisation, before its coefficient (lambda1). Minimising it
+    sharpens the choice of expert: l2 form -mean sum_i pi_i^2, entropy form +mean H(pi).
+    conditional: on pi_i / m_g inside each group, which cannot be lowered by piling mass into
+    one group (the coupling the plain form has with the inter-group term)."""
+    if conditional:
+        p_TNM = probs_TE.view(probs_TE.shape[0], num_groups, -1)
+        cond_TNM = p_TNM / p_TNM.sum(-1, keepdim=True).clamp_min(1e-12)
+        if form == "l2":
+            return -cond_TNM.square().sum((1, 2)).mean()
+        return entropy(cond_TNM).sum(-1).mean()
+    if form == "l2":
+        return -probs_TE.square().sum(-1).mean()
+    return entropy(probs_TE).mean()
+
+
+def inter_group_reg(probs_TE: torch.Tensor, num_groups: int, form: str = "l2") -> torch.Tensor:
+    """Hi-MoE inter-group balancing, before its coefficient (lambda2). Minimising it spreads
+    each token's mass over groups: l2 form +mean sum_g m_g^2, entropy form -mean H(m)."""
+    m_TN = group_mass(probs_TE, num_groups)
+    if form == "l2":
+        return m_TN.square().sum(-1).mean()
+    return -entropy(m_TN).mean()
