@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from himoe import checkpoint
-from himoe.model import GroupedRouter, HiMoEModel, HierarchicalRouter
-from himoe.model import losses
+from himoe.model import GroupedRouter, HierarchicalRouter, HiMoEModel, losses
 from himoe.model.routing import two_level_switch_loss
 from tests.conftest import tiny_config
 

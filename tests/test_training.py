@@ -79,3 +79,29 @@ def test_parameter_counts_at_card_defaults_are_near_the_cards():
     assert total == pytest.approx(52e6, rel=0.05)
     assert active == pytest.approx(1.7e6, rel=0.05)
     assert active / total == pytest.approx(0.033, abs=0.003)
+
+
+def test_mfu_counts_six_flops_per_active_parameter():
+    from himoe.training.flops import flops_per_token, mfu
+
+    cfg = HiMoEConfig(n_layer=2, n_embd=256, block_size=128)
+    assert flops_per_token(cfg, 1_000_000) == 6e6 + 12 * 2 * 256 * 128
+    assert mfu(cfg, 1_000_000, 1e6, peak=None) is None
+    assert mfu(cfg, 1_000_000, 1e6, peak=1e13) == pytest.approx(flops_per_token(cfg, 1e6) / 1e7)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # under and over the limit
+def test_clip_grad_norm_equals_the_library_call(scale):
+    from himoe.training.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * scale
+        q.grad = p.grad.clone()
+    n1 = clip_grad_norm(a, 1.0)
+    n2 = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    assert torch.equal(n1, n2)
+    for p, q in zip(a, b):
+        assert torch.equal(p.grad, q.grad)

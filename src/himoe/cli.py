@@ -1,9 +1,10 @@
-"""`himoe train | generate`: the command line. Bad input exits 2 with one line, no traceback."""
+"""`himoe train | generate | bench`: the command line. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ HELP = {
     "top_k_experts": "experts chosen per chosen block (level 2)",
     "ffn_mult": "expert hidden width as a multiple of n_embd",
     "router": "hierarchical (the card's) or dense (one plain FFN: the baseline)",
+    "capacity_factor": "0 = dropless; else an expert keeps its cf*T*k/E highest-weight tokens",
     "batch_size": "training batch size", "max_iters": "training steps",
     "lr": "peak learning rate", "warmup_iters": "linear warm-up steps",
     "min_lr_ratio": "final learning rate as a fraction of the peak",
@@ -28,6 +30,15 @@ HELP = {
     "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
     "data_file": "training corpus, a UTF-8 text file (default: the shipped hamlet.txt)",
     "model_dir": "where the modular checkpoint goes", "sample_tokens": "length of sample.txt",
+    "compile": "true: torch.compile the training forward (slow start, faster steps)",
+    "switch_coef": "Switch load-balancing loss coefficient", "z_coef": "router z-loss coefficient",
+    "inter_coef": "Hi-MoE inter-group balancing (lambda2)",
+    "intra_coef": "Hi-MoE intra-group specialisation (lambda1)",
+    "reg_form": "l2 or entropy form of the Hi-MoE terms",
+    "intra_conditional": "true: R_intra on within-group probabilities",
+    "intra_warmup": "steps over which R_intra ramps in",
+    "bias_tau": "grouped router: tau of the logit-EMA correction",
+    "ema_beta": "grouped router: EMA decay", "router_temp": "grouped router: softmax temperature",
 }
 
 
@@ -40,6 +51,10 @@ def _flag_type(default, name):
     kind = type(default) if default is not None else str
 
     def convert(text: str):
+        if kind is bool:  # bool("false") would be True
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"--{name} needs true or false, got {text!r}")
+            return text.lower() in ("true", "1")
         try:
             value = kind(text)
         except ValueError:
@@ -102,11 +117,37 @@ def cmd_generate(args) -> int:
     tok = CharTokenizer(vocab)
     context = tok.encode(args.prompt) if args.prompt else [tok.blank_token()]
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([context], device=device), args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         use_cache=not args.no_cache, generator=gen)
-    print(args.prompt + tok.decode(out[0, len(context):].tolist()))
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    batch = torch.tensor([context] * args.num_samples, device=device)  # one batched run
+    out = model.generate(batch, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
+                         generator=gen)
+    for i, row in enumerate(out.tolist()):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(args.prompt + tok.decode(row[len(context):]))
     return 0
+
+
+def load_benchmarks():
+    """benchmarks/throughput.py of the source checkout: it is not part of the installed
+    package. Looked for beside src/ (editable install), then in the current directory."""
+    import himoe
+
+    roots = (Path(himoe.__file__).resolve().parents[2], Path.cwd())
+    for path in (root / "benchmarks" / "throughput.py" for root in roots):
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("himoe_benchmarks_throughput", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses look their module up there
+            spec.loader.exec_module(module)
+            return module
+    raise UserError("himoe bench needs a source checkout: run it from the himoe repository")
+
+
+def cmd_bench(args) -> int:
+    return load_benchmarks().main(args.bench_argv, prog="himoe bench")
 
 
 def build_parser() -> Parser:
@@ -126,16 +167,28 @@ def build_parser() -> Parser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     gen.add_argument("--top_k", "--top-k", type=int, default=None)
     gen.add_argument("--top_p", "--top-p", type=float, default=None)
+    gen.add_argument("--num_samples", "--num-samples", type=int, default=1,
+                     help="independent samples of the same prompt, generated as one batch")
     gen.add_argument("--seed", type=int, default=1337)
     gen.add_argument("--device", choices=DEVICES, default="auto")
     gen.add_argument("--no_cache", "--no-cache", action="store_true",
                      help="recompute the context at every step instead of using the KV cache")
     gen.set_defaults(func=cmd_generate)
+
+    # The flags belong to benchmarks/throughput.py (--help included): main() passes them on.
+    bench = sub.add_parser("bench", add_help=False,
+                           help="speed and memory against the baselines (source checkout; "
+                                "`himoe bench --help` for its flags)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_argv = rest
     try:
         return args.func(args)
     except UserError as e:

@@ -66,6 +66,7 @@ class HiMoEConfig:
     data_file: str | None = None
     model_dir: str = "model"
     sample_tokens: int = 400
+    compile: bool = False  # torch.compile the training forward (attention, norms, residuals)
 
     @property
     def ffn_hidden(self) -> int:
@@ -141,4 +142,4 @@ MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_ex
                 "top_k_groups", "top_k_experts", "ffn_mult", "router", "vocab_size")
 
 # Flags whose value only affects this process, never the saved model.
-RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file")
+RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile")

@@ -34,62 +34,60 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _segment_mm(x_SI, w_EIO, offs_E, splits: list[int], use_grouped_mm: bool):
-    if use_grouped_mm:
-        return F.grouped_mm(x_SI, w_EIO, offs=offs_E)
-    y_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[2])
-    start = 0
-    for e, n in enumerate(splits):
-        if n:
-            torch.mm(x_SI[start:start + n], w_EIO[e], out=y_SO[start:start + n])
-        start += n
-    return y_SO
-
-
-class _SegmentMatmul(torch.autograd.Function):
-    """y = x @ w[e] over each expert's rows, with a backward that is fast on CPUs: weight
-    gradients are written one expert at a time into one preallocated tensor, about 2.5x
-    faster than grouped_mm's own backward there (benchmarks/ has the numbers)."""
+class _SegmentLinear(torch.autograd.Function):
+    """y = x @ w[e] + b[e] over each expert's rows, one addmm per expert (bias fused, as a
+    dense nn.Linear does). The CPU path: grouped_mm there is itself a loop of matmuls, and
+    its backward is ~2.5x slower than writing each expert's weight gradient with torch.mm
+    into one preallocated tensor, as done here. Bias gradients are per-segment row sums."""
 
     @staticmethod
-    def forward(ctx, x_SI, w_EIO, offs_E, splits, use_grouped_mm):
-        ctx.save_for_backward(x_SI, w_EIO, offs_E)
-        ctx.splits, ctx.use_grouped_mm = splits, use_grouped_mm
-        return _segment_mm(x_SI, w_EIO, offs_E, splits, use_grouped_mm)
+    def forward(ctx, x_SI, w_EIO, b_EO, splits):
+        ctx.save_for_backward(x_SI, w_EIO)
+        ctx.splits = splits
+        y_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[2])
+        start = 0
+        for e, n in enumerate(splits):
+            if n:
+                torch.addmm(b_EO[e], x_SI[start:start + n], w_EIO[e], out=y_SO[start:start + n])
+            start += n
+        return y_SO
 
     @staticmethod
     def backward(ctx, g_SO):
-        x_SI, w_EIO, offs_E = ctx.saved_tensors
+        x_SI, w_EIO = ctx.saved_tensors
         g_SO = g_SO.contiguous()
-        dx_SI = dw_EIO = None
-        if ctx.needs_input_grad[0]:
-            dx_SI = _segment_mm(g_SO, w_EIO.transpose(1, 2), offs_E, ctx.splits,
-                                ctx.use_grouped_mm)
-        if ctx.needs_input_grad[1]:
-            dw_EIO = torch.empty_like(w_EIO)
-            start = 0
-            for e, n in enumerate(ctx.splits):
+        dx_SI = x_SI.new_empty(x_SI.shape) if ctx.needs_input_grad[0] else None
+        dw_EIO = torch.empty_like(w_EIO) if ctx.needs_input_grad[1] else None
+        db_EO = g_SO.new_zeros(w_EIO.shape[0], w_EIO.shape[2]) if ctx.needs_input_grad[2] else None
+        start = 0
+        for e, n in enumerate(ctx.splits):
+            rows = slice(start, start + n)
+            if dx_SI is not None and n:
+                torch.mm(g_SO[rows], w_EIO[e].t(), out=dx_SI[rows])
+            if dw_EIO is not None:
                 if n:
-                    torch.mm(x_SI[start:start + n].t(), g_SO[start:start + n], out=dw_EIO[e])
+                    torch.mm(x_SI[rows].t(), g_SO[rows], out=dw_EIO[e])
                 else:
                     dw_EIO[e].zero_()  # an idle expert gets a zero gradient, not none
-                start += n
-        return dx_SI, dw_EIO, None, None, None
+            if db_EO is not None and n:
+                torch.sum(g_SO[rows], dim=0, out=db_EO[e])
+            start += n
+        return dx_SI, dw_EIO, db_EO, None
 
 
-def segment_matmul(x_SI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor,
-                   use_grouped_mm: bool, splits: list[int] | None = None) -> torch.Tensor:
-    """Rows of x_SI are sorted by expert; counts_E rows belong to each expert in turn."""
-    offs_E = counts_E.cumsum(0).to(torch.int32)
-    if use_grouped_mm and x_SI.is_cuda:
-        # On GPUs grouped_mm's own backward is the fast one, and needs no host sync.
+def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
+                   counts_E: torch.Tensor, splits: list[int] | None, use_grouped_mm: bool):
+    """Rows of x_SI are sorted by expert, counts_E rows for each expert in turn; returns
+    x @ w[e] + b[e] for every row. grouped_mm on GPUs (its backward is fast there, and it
+    needs no host sync); otherwise one fused addmm per expert (splits = counts_E on host)."""
+    if use_grouped_mm:
+        offs_E = counts_E.cumsum(0).to(torch.int32)
         y_SO = F.grouped_mm(x_SI, w_EIO, offs=offs_E)
         if y_SO.requires_grad:
             # grouped_mm's backward rejects non-contiguous (e.g. broadcast) gradients.
             y_SO.register_hook(lambda g: g.contiguous())
-        return y_SO
-    splits = counts_E.tolist() if splits is None else splits
-    return _SegmentMatmul.apply(x_SI, w_EIO, offs_E, splits, use_grouped_mm)
+        return y_SO + b_EO.repeat_interleave(counts_E, dim=0, output_size=x_SI.shape[0])
+    return _SegmentLinear.apply(x_SI, w_EIO, b_EO, splits)
 
 
 class ExpertBank(nn.Module):
@@ -105,6 +103,9 @@ class ExpertBank(nn.Module):
         nn.init.normal_(self.w1_EDF, std=0.02)
         nn.init.normal_(self.w2_EFD, std=0.02 / (2 * n_layer) ** 0.5)
 
+    # Data-dependent segment sizes: torch.compile fuses the dense parts around this and
+    # leaves the dispatch eager (its fake-tensor rule for grouped_mm also wants bf16 only).
+    @torch.compiler.disable
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
                 weights_TK: torch.Tensor) -> torch.Tensor:
         """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]). An id of -1 marks an
@@ -121,14 +122,15 @@ class ExpertBank(nn.Module):
         # grouped_mm is not covered by autocast, so cast to the autocast dtype ourselves.
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else self.w1_EDF.dtype)
-        use_gmm = grouped_mm_supported(device, dtype)
+        # Chosen once per device and dtype: grouped_mm on CUDA where it runs, else the loop.
+        use_gmm = device == "cuda" and grouped_mm_supported(device, dtype)
+        splits = None if use_gmm else counts_E.tolist()  # one host read for both matmuls
         x_SD = x_TD[token_S].to(dtype)
-        # Biases added in place: the matmul's backward does not need its output.
-        splits = None if x_TD.is_cuda else counts_E.tolist()  # one host read for both
-        h_SF = segment_matmul(x_SD, self.w1_EDF.to(dtype), counts_E, use_gmm, splits)
-        h_SF = F.gelu(h_SF.add_(self.b1_EF[sorted_ids_S].to(dtype)))
-        y_SD = segment_matmul(h_SF, self.w2_EFD.to(dtype), counts_E, use_gmm, splits)
-        y_SD = y_SD.add_(self.b2_ED[sorted_ids_S].to(dtype)) * weights_TK.reshape(-1)[order_S, None]
+        h_SF = segment_linear(x_SD, self.w1_EDF.to(dtype), self.b1_EF.to(dtype), counts_E,
+                              splits, use_gmm)
+        y_SD = segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
+                              counts_E, splits, use_gmm)
+        y_SD = y_SD * weights_TK.reshape(-1)[order_S, None]
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD.to(x_TD.dtype))
 
 

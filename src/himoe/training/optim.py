@@ -33,3 +33,16 @@ def lr_at(step: int, cfg: HiMoEConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_iters) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ with the same result, minus its multiply of every gradient by exactly
+    1.0 when the norm is under the limit (at 50M expert weights that pass costs ~2% of a CPU
+    step). On GPUs the check would be a host sync, so there the library call is used."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or grads[0].is_cuda:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm

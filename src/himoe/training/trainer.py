@@ -24,7 +24,8 @@ from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.flops import mfu, peak_flops
+from himoe.training.optim import build_optimizer, clip_grad_norm, lr_at
 
 
 def resolve_device(cfg: HiMoEConfig) -> tuple[torch.device, torch.dtype]:
@@ -135,12 +136,17 @@ class Trainer:
         self.model.to(self.device)
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         self.train_data, self.val_data = split_train_val(ids, cfg.block_size)
+        # The compiled forward shares the model's parameters; evaluation and sampling use
+        # the plain model, so switching to eval mode triggers no recompilation.
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg)
+        self.params = list(self.model.parameters())
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         seed_everything(cfg.seed + 1)  # dropout stream, separate from the initial weights
         if resume:
             self._restore_train_state()
         total, active = self.model.parameter_counts()
+        self.active_params, self.peak_flops = active, peak_flops(self.device)
         self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
                     f"{self.tokenizer.vocab_size}); device {self.device}, "
                     f"{str(self.dtype).removeprefix('torch.')}")
@@ -183,7 +189,7 @@ class Trainer:
         model.train()
         bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        step_time, window_losses = 0.0, []
+        step_time, window_losses, window_aux = 0.0, [], {}
         while self.step < cfg.max_iters:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
@@ -193,9 +199,11 @@ class Trainer:
             t0 = time.perf_counter()
             x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
             with autocast(self.device, self.dtype):
-                _, loss = model(x.to(self.device), y.to(self.device))
+                _, loss = self.forward(x.to(self.device), y.to(self.device))
+            for name, value in model.aux_losses().items():
+                window_aux[name] = window_aux.get(name, 0.0) + value
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            clip_grad_norm(self.params, cfg.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
@@ -214,7 +222,9 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                 ev = evaluate(model, self.val_data, cfg, self.device, self.dtype)
                 ev.update(step=self.step, lr=lr, tokens_per_s=tok_s,
-                          train_loss=sum(window_losses) / len(window_losses))
+                          train_loss=sum(window_losses) / len(window_losses),
+                          aux={k: v / len(window_losses) for k, v in window_aux.items()},
+                          mfu=mfu(cfg, self.active_params, tok_s, self.peak_flops))
                 bar.write(f"step {self.step}: train loss {ev['train_loss']:.4f}, val loss "
                           f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
                           file=self.out)
@@ -222,7 +232,7 @@ class Trainer:
                 with open(self.model_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                     f.write(json.dumps(ev) + "\n")
                 result.evals.append(ev)
-                step_time, window_losses = 0.0, []
+                step_time, window_losses, window_aux = 0.0, [], {}
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()

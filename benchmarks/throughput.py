@@ -1,0 +1,406 @@
+"""Speed and memory of himoe against its baselines, by the protocol in BENCHMARKS.md.
+
+One process runs both sides of each comparison, alternating A B A B after a warm-up, and
+reports the median ratio with its min and max: on a shared, noisy machine a ratio measured
+side by side means far more than an absolute time. Only training steps are timed (forward,
+backward, gradient clip, optimiser step, zero_grad), as in `Trainer.train`.
+
+    python benchmarks/throughput.py            # or: himoe bench
+    python benchmarks/throughput.py --smoke --out /tmp/b.md   # seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from himoe.config import HiMoEConfig
+from himoe.data.corpus import CharTokenizer, get_batch, load_corpus
+from himoe.errors import UserError
+from himoe.model import HiMoEModel
+from himoe.training.optim import build_optimizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("card", "grouped", "generate", "memory")
+SECTION_ALIASES = {"a": "card", "b": "grouped", "c": "generate", "d": "memory"}
+# Hi-MoE's grouped routing: top-1 in each of the 6 groups, with the paper's regularisers.
+GROUPED = dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
+               inter_coef=0.05, intra_coef=0.1)
+# --smoke: sizes small enough to run every section in a few seconds.
+SMOKE_SIZES = dict(n_embd=32, n_head=2, block_size=16, batch_size=4)
+SMOKE_GEN_TOKENS = 24  # more than block_size, so the context-window restart runs too
+CARD_GEN_TOKENS = 400  # the card's sample.txt
+TARGETS = {"card": 0.85, "grouped": 0.23, "generate": 5.0, "memory_mb": 2000.0}
+MISSING_ROUTER_ERRORS = (UserError, TypeError, ValueError)
+
+
+@dataclass
+class Settings:
+    repeats: int
+    steps: int
+    warmup: int
+    threads: int
+    smoke: bool
+
+    @property
+    def sizes(self) -> dict:
+        return SMOKE_SIZES if self.smoke else {}
+
+    @property
+    def gen_tokens(self) -> int:
+        return SMOKE_GEN_TOKENS if self.smoke else CARD_GEN_TOKENS
+
+
+@dataclass
+class Row:
+    """One line of the report's table; every cell is already formatted."""
+
+    benchmark: str
+    measured: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    met: str = "-"
+
+
+# --- statistics and formatting ---
+def ratio_cell(ratios: list[float], unit: str = "x") -> str:
+    return (f"{statistics.median(ratios):.2f}{unit} "
+            f"[{min(ratios):.2f}, {max(ratios):.2f}]")
+
+
+def rate_cell(rates: list[float], what: str) -> str:
+    return f"{statistics.median(rates):,.0f} {what}"
+
+
+def yes_no(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# --- models and data ---
+def hamlet() -> tuple[torch.Tensor, CharTokenizer]:
+    """The shipped Hamlet text as token ids, and its character tokenizer."""
+    text, _ = load_corpus(None)
+    tok = CharTokenizer.from_text(text)
+    return torch.tensor(tok.encode(text), dtype=torch.long), tok
+
+
+def card_config(vocab_size: int, settings: Settings, **overrides) -> HiMoEConfig:
+    """The card's defaults (dropout 0.1 included) at the given router; raises if this
+    himoe does not know one of the overrides yet."""
+    return HiMoEConfig(vocab_size=vocab_size, device="cpu", **settings.sizes,
+                       **overrides).validate()
+
+
+def build(cfg: HiMoEConfig, seed: int = 1337) -> HiMoEModel:
+    torch.manual_seed(seed)  # both sides start from reproducible weights
+    return HiMoEModel(cfg)
+
+
+def sample_batches(data: torch.Tensor, cfg: HiMoEConfig, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [get_batch(data, cfg.batch_size, cfg.block_size, gen) for _ in range(n)]
+
+
+# --- training throughput ---
+class TrainSide:
+    """A model and its training optimiser; times whole training steps."""
+
+    def __init__(self, model: HiMoEModel):
+        self.model = model.train()
+        self.cfg = model.cfg
+        self.optimizer = build_optimizer(model, model.cfg)
+
+    def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
+        """One step as Trainer.train runs it (the batch is sampled beforehand, untimed)."""
+        _, loss = self.model(x_BT, y_BT)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def tokens_per_s(self, batches) -> float:
+        t0 = time.perf_counter()
+        for x_BT, y_BT in batches:
+            self.step(x_BT, y_BT)
+        seconds = time.perf_counter() - t0
+        return len(batches) * self.cfg.batch_size * self.cfg.block_size / seconds
+
+
+def alternate(side_a: Callable[[int], float], side_b: Callable[[int], float],
+              repeats: int) -> tuple[list[float], list[float]]:
+    """A B A B: each side's rate per repeat; repeat r hands both sides the same input r."""
+    rates_a, rates_b = [], []
+    for r in range(repeats):
+        rates_a.append(side_a(r))
+        rates_b.append(side_b(r))
+    return rates_a, rates_b
+
+
+def compare_training(variant: HiMoEModel, dense: HiMoEModel, data: torch.Tensor,
+                     settings: Settings) -> tuple[list[float], list[float]]:
+    """Tokens/s of each side per repeat, after `warmup` untimed steps each."""
+    a, b = TrainSide(variant), TrainSide(dense)
+    warm = sample_batches(data, a.cfg, settings.warmup, seed=0)
+    for side in (a, b):
+        side.tokens_per_s(warm)
+    timed = [sample_batches(data, a.cfg, settings.steps, seed=1 + r)
+             for r in range(settings.repeats)]
+    return alternate(lambda r: a.tokens_per_s(timed[r]), lambda r: b.tokens_per_s(timed[r]),
+                     settings.repeats)
+
+
+def training_row(name: str, target_key: str, rates_v: list[float],
+                 rates_d: list[float]) -> Row:
+    ratios = [v / d for v, d in zip(rates_v, rates_d)]
+    target = TARGETS[target_key]
+    return Row(name, rate_cell(rates_v, "tok/s"), rate_cell(rates_d, "tok/s"),
+               ratio_cell(ratios), f">= {target:.2f}x dense",
+               yes_no(statistics.median(ratios) >= target))
+
+
+def bench_card(data, vocab_size, settings: Settings) -> Row:
+    card = build(card_config(vocab_size, settings))
+    dense = build(card_config(vocab_size, settings, router="dense"))
+    rates_v, rates_d = compare_training(card, dense, data, settings)
+    return training_row("card training: hierarchical 6x8, top-1 vs dense-equivalent", "card",
+                        rates_v, rates_d)
+
+
+def bench_grouped(data, vocab_size, settings: Settings) -> Row:
+    name = "grouped 6 x top-1 + Hi-MoE terms vs dense-equivalent"
+    try:
+        grouped = build(card_config(vocab_size, settings, **GROUPED))
+    except MISSING_ROUTER_ERRORS as e:  # the grouped router is not in this himoe yet
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Row(name, f"not available ({reason})", target=f">= {TARGETS['grouped']:.2f}x "
+                   "dense")
+    dense = build(card_config(vocab_size, settings, router="dense"))
+    rates_v, rates_d = compare_training(grouped, dense, data, settings)
+    return training_row(name, "grouped", rates_v, rates_d)
+
+
+# --- generation ---
+def generate_once(model: HiMoEModel, context_BT: torch.Tensor, n_tokens: int,
+                  use_cache: bool) -> tuple[float, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1337)  # the same seed for both sides
+    t0 = time.perf_counter()
+    out_BL = model.generate(context_BT, n_tokens, use_cache=use_cache, generator=gen)
+    return time.perf_counter() - t0, out_BL
+
+
+def bench_generate(tok: CharTokenizer, settings: Settings) -> Row:
+    model = build(card_config(tok.vocab_size, settings)).eval()
+    context_BT = torch.tensor([[tok.blank_token()]])  # the card's blank context
+    n = settings.gen_tokens
+    for use_cache in (True, False):  # warm-up: short runs, untimed
+        generate_once(model, context_BT, min(n, 32), use_cache)
+    outputs = {True: [], False: []}
+
+    def side(use_cache: bool) -> Callable[[int], float]:
+        def run(_: int) -> float:
+            seconds, out_BL = generate_once(model, context_BT, n, use_cache)
+            outputs[use_cache].append(out_BL)
+            return n / seconds
+        return run
+
+    rates_c, rates_r = alternate(side(True), side(False), settings.repeats)
+    same = all(torch.equal(c, r) for c, r in zip(outputs[True], outputs[False]))
+    ratios = [c / r for c, r in zip(rates_c, rates_r)]
+    ok = statistics.median(ratios) >= TARGETS["generate"] and same
+    return Row(f"generation of {n} tokens: KV cache vs recompute "
+               f"({'same' if same else '**different**'} tokens)",
+               rate_cell(rates_c, "tok/s"), rate_cell(rates_r, "tok/s"), ratio_cell(ratios),
+               f">= {TARGETS['generate']:.0f}x, same tokens", yes_no(ok))
+
+
+# --- peak memory (in a fresh process, so nothing else run here counts) ---
+def memory_child(settings: Settings) -> None:
+    """Card training steps, then print peak RSS in MB as one JSON line."""
+    data, tok = hamlet()
+    side = TrainSide(build(card_config(tok.vocab_size, settings)))
+    built_mb = peak_rss_mb()
+    side.tokens_per_s(sample_batches(data, side.cfg, settings.warmup + settings.steps, seed=0))
+    print(json.dumps({"built_mb": built_mb, "peak_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    import resource  # Unix only, so imported where it is used
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+
+
+def bench_memory(settings: Settings) -> Row:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
+           "--threads", str(settings.threads), "--steps", str(settings.steps),
+           "--warmup", str(settings.warmup)] + (["--smoke"] if settings.smoke else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory subprocess failed (exit {r.returncode}):\n{r.stderr}")
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    peak = figures["peak_mb"]
+    return Row(f"peak memory (RSS) of card training, {settings.warmup + settings.steps} steps",
+               f"{peak:,.0f} MB", f"{figures['built_mb']:,.0f} MB after building",
+               target=f"< {TARGETS['memory_mb'] / 1000:.0f} GB",
+               met=yes_no(peak < TARGETS["memory_mb"]))
+
+
+# --- the report ---
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(rows: list[Row]) -> str:
+    header = ["benchmark", "measured (median)", "baseline (median)",
+              "ratio median [min, max]", "target", "met"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(dataclasses.astuple(row)) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], settings: Settings, command: str) -> str:
+    shape = "tiny (--smoke) sizes" if settings.smoke else "the card's sizes"
+    cfg = HiMoEConfig(**settings.sizes)
+    batch = f"{cfg.batch_size} x {cfg.block_size} tokens"
+    return "\n".join([
+        "# Benchmarks", "",
+        f"Measured side by side in one process, {shape}, fp32 on the CPU: "
+        f"{settings.repeats} timed repeats per side, alternating A B A B, after a warm-up "
+        f"({settings.warmup} untimed training steps per side); a training repeat times "
+        f"{settings.steps} steps of batch {batch}. Ratios are measured / baseline, per "
+        "repeat. Protocol and targets: BENCHMARKS.md.", "",
+        table(rows), "",
+        f"- machine: {cpu_model()}, {settings.threads} torch threads "
+        f"({os.cpu_count()} CPUs visible)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{command}`", ""])
+
+
+def write_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- command line ---
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as the himoe command line does
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"needs a positive integer, got {text!r}")
+    return value
+
+
+def sections(text: str) -> list[str]:
+    names = [SECTION_ALIASES.get(s.strip(), s.strip()) for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of "
+                                         f"{', '.join(SECTIONS)} (or a, b, c, d)")
+    return names
+
+
+def build_parser(prog: str) -> Parser:
+    p = Parser(prog=prog, description="Training and generation speed, "
+                                "and peak memory, against the baselines in BENCHMARKS.md.")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side")
+    p.add_argument("--steps", type=positive_int, default=3,
+                   help="timed training steps per repeat")
+    p.add_argument("--warmup", type=positive_int, default=2, help="untimed warm-up steps")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch.set_num_threads (default: 2, or 1 with --smoke)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md",
+                   help="the Markdown report (default: docs/benchmarks.md in the repository)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, 2 repeats of 1 step: checks that it runs, in seconds")
+    p.add_argument("--only", type=sections, default=list(SECTIONS),
+                   help=f"comma list of sections to run: {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.smoke:
+        # One thread: on a busy machine, tiny ops on 2 threads spend most time spin-waiting.
+        threads = args.threads or 1
+        return Settings(min(args.repeats, 2), 1, 1, threads, smoke=True)
+    return Settings(args.repeats, args.steps, args.warmup, args.threads or 2, smoke=False)
+
+
+def run_sections(names: list[str], settings: Settings) -> list[Row]:
+    data, tok = hamlet()
+    runners = {"card": lambda: bench_card(data, tok.vocab_size, settings),
+               "grouped": lambda: bench_grouped(data, tok.vocab_size, settings),
+               "generate": lambda: bench_generate(tok, settings),
+               "memory": lambda: bench_memory(settings)}
+    rows = []
+    for name in SECTIONS:
+        if name in names:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            rows.append(runners[name]())
+            gc.collect()  # free one section's models before the next is built
+            # Shown as each section ends, so a run cut short still tells what it measured.
+            print(f"bench: {name} took {time.perf_counter() - t0:.0f} s: "
+                  f"{rows[-1].measured} vs {rows[-1].baseline}, {rows[-1].ratio}",
+                  file=sys.stderr, flush=True)
+    if settings.smoke:  # tiny sizes say nothing about the card's targets
+        rows = [dataclasses.replace(row, met="n/a (smoke)") for row in rows]
+    return rows
+
+
+def main(argv: list[str] | None = None, prog: str = "python benchmarks/throughput.py") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    settings = settings_from(args)
+    torch.set_num_threads(settings.threads)
+    if args.memory_child:
+        memory_child(settings)
+        return 0
+    rows = run_sections(args.only, settings)
+    write_atomic(report(rows, settings, shlex.join([*shlex.split(prog), *argv])), args.out)
+    print(table(rows))
+    print(f"report written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
