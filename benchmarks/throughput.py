@@ -34,7 +34,9 @@ from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import build_optimizer
+from himoe.training.trainer import train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("card", "grouped", "generate", "memory")
@@ -126,15 +128,12 @@ class TrainSide:
         self.model = model.train()
         self.cfg = model.cfg
         self.optimizer = build_optimizer(model, model.cfg)
+        self.params = list(model.parameters())
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
-        """One step as Trainer.train runs it (the batch is sampled beforehand, untimed)."""
-        _, loss = self.model(x_BT, y_BT)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        """Trainer.train's own step function (the batch is sampled beforehand, untimed)."""
+        return train_step(self.model, self.optimizer, self.params, x_BT, y_BT,
+                          self.cfg.grad_clip).item()
 
     def tokens_per_s(self, batches) -> float:
         t0 = time.perf_counter()
@@ -242,9 +241,12 @@ def memory_child(settings: Settings) -> None:
 
 
 def peak_rss_mb() -> float:
-    import resource  # Unix only, so imported where it is used
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries
+    that across exec, so a child would report its parent's peak at fork."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e6  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
 
 
 def bench_memory(settings: Settings) -> Row:
@@ -392,6 +394,7 @@ def main(argv: list[str] | None = None, prog: str = "python benchmarks/throughpu
     args = build_parser(prog).parse_args(argv)
     settings = settings_from(args)
     torch.set_num_threads(settings.threads)
+    keep_freed_memory()  # as `himoe train` does; process-wide, so both sides get it
     if args.memory_child:
         memory_child(settings)
         return 0

@@ -81,6 +81,17 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
 
 
+def train_step(forward, optimizer, params, x_BT, y_BT, grad_clip: float) -> torch.Tensor:
+    """One optimisation step: forward, backward, clip, AdamW, zero_grad. `himoe bench`
+    times exactly this function, so its figures are those of `himoe train`."""
+    _, loss = forward(x_BT, y_BT)
+    loss.backward()
+    clip_grad_norm(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dtype) -> dict:
     """Mean loss over eval_iters fixed batches (same batches at every evaluation, so the
@@ -199,13 +210,10 @@ class Trainer:
             t0 = time.perf_counter()
             x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
             with autocast(self.device, self.dtype):
-                _, loss = self.forward(x.to(self.device), y.to(self.device))
+                loss = train_step(self.forward, self.optimizer, self.params,
+                                  x.to(self.device), y.to(self.device), cfg.grad_clip)
             for name, value in model.aux_losses().items():
                 window_aux[name] = window_aux.get(name, 0.0) + value
-            loss.backward()
-            clip_grad_norm(self.params, cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             loss_value = loss.item()
             step_time += time.perf_counter() - t0
             if not math.isfinite(loss_value):
