@@ -132,8 +132,7 @@ class TrainSide:
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
         """Trainer.train's own step function (the batch is sampled beforehand, untimed)."""
-        return train_step(self.model, self.optimizer, self.params, x_BT, y_BT,
-                          self.cfg.grad_clip).item()
+        return train_step(self.model, self.optimizer, self.params, x_BT, y_BT).item()
 
     def tokens_per_s(self, batches) -> float:
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from himoe.errors import UserError
 
-ROUTERS = ("hierarchical", "grouped", "dense")
+ROUTERS = ("hierarchical", "grouped", "topk", "group_limited", "dense")
 REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -47,6 +47,10 @@ class HiMoEConfig:
     bias_tau: float = 0.01  # grouped router: logit correction tau * EMA(logits)
     ema_beta: float = 0.9
     router_temp: float = 1.0
+    renormalize: bool = False  # topk / group_limited: kept weights sum to 1 (MiniMoE)
+    bias_update_rate: float = 0.0  # loss-free balancing step u (DeepSeek-V3: 1e-3); 0 = off
+    expert_hidden: int = 0  # expert width; 0 means ffn_mult * n_embd
+    preset: str = ""  # the --preset this configuration started from, if any
     vocab_size: int = 0  # set from the tokenizer
     # --- training (the card's table) ---
     batch_size: int = 32
@@ -70,7 +74,7 @@ class HiMoEConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        return self.ffn_mult * self.n_embd
+        return self.expert_hidden or self.ffn_mult * self.n_embd
 
     @property
     def total_experts(self) -> int:
@@ -80,12 +84,17 @@ class HiMoEConfig:
     def experts_per_token(self) -> int:
         if self.router == "grouped":  # top_k_experts inside every group
             return self.num_moes * self.top_k_experts
+        if self.router in ("topk", "group_limited"):  # top_k_experts over all kept experts
+            return self.top_k_experts
         return self.top_k_groups * self.top_k_experts
 
     def validate(self) -> HiMoEConfig:
         positive = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
                     "top_k_groups", "top_k_experts", "ffn_mult", "batch_size", "max_iters",
                     "eval_interval", "eval_iters")
+        if self.expert_hidden < 0:
+            raise UserError(f"--expert_hidden must be >= 0 (0: ffn_mult * n_embd), got "
+                            f"{self.expert_hidden}")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
@@ -95,12 +104,17 @@ class HiMoEConfig:
         if self.top_k_groups > self.num_moes:
             raise UserError(f"--top_k_groups {self.top_k_groups} is larger than --num_moes "
                             f"{self.num_moes}; use at most {self.num_moes}")
-        if self.top_k_experts > self.num_experts:
-            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than --num_experts "
-                            f"{self.num_experts}; use at most {self.num_experts}")
+        # How many experts top_k_experts may pick from depends on the router.
+        pool = {"topk": self.total_experts,
+                "group_limited": self.top_k_groups * self.num_experts}.get(self.router,
+                                                                           self.num_experts)
+        if self.top_k_experts > pool:
+            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than the "
+                            f"{pool} experts the {self.router} router picks from; use at most "
+                            f"{pool}")
         for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio",
                      "capacity_factor", "switch_coef", "z_coef", "inter_coef", "intra_coef",
-                     "bias_tau", "ema_beta", "router_temp"):
+                     "bias_tau", "ema_beta", "router_temp", "bias_update_rate"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise UserError(f"--{name} must be a finite non-negative number, got {value}")
@@ -139,7 +153,8 @@ class HiMoEConfig:
 
 
 MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
-                "top_k_groups", "top_k_experts", "ffn_mult", "router", "vocab_size")
+                "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "router",
+                "vocab_size")
 
 # Flags whose value only affects this process, never the saved model.
 RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile")

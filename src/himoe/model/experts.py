@@ -106,15 +106,14 @@ class ExpertBank(nn.Module):
     # Data-dependent segment sizes: torch.compile fuses the dense parts around this and
     # leaves the dispatch eager (its fake-tensor rule for grouped_mm also wants bf16 only).
     @torch.compiler.disable
-    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor,
-                weights_TK: torch.Tensor) -> torch.Tensor:
-        """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]). An id of -1 marks an
-        assignment dropped by a capacity limit: it adds nothing (the residual carries x)."""
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                n_dropped: int = 0) -> torch.Tensor:
+        """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]). n_dropped assignments have
+        id -1 (over a capacity limit): they add nothing, the residual carries x. Passing the
+        count in, rather than looking for -1 here, keeps dropless runs free of a host sync."""
         K = ids_TK.shape[1]
         flat_ids_S = ids_TK.reshape(-1)  # S = T * K assignments
-        order_S = flat_ids_S.argsort(stable=True)
-        if flat_ids_S.min() < 0:  # -1 sorts first: cut the dropped assignments off
-            order_S = order_S[int((flat_ids_S < 0).sum()):]
+        order_S = flat_ids_S.argsort(stable=True)[n_dropped:]  # -1 sorts first
         sorted_ids_S = flat_ids_S[order_S]
         token_S = order_S // K
         counts_E = torch.bincount(sorted_ids_S, minlength=self.num_experts)

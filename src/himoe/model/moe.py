@@ -23,19 +23,21 @@ class MoELayer(nn.Module):
         self.last_weights_TK: torch.Tensor | None = None
         self.last_dropped = 0  # assignments over capacity in the last forward
         self.last_aux: dict[str, torch.Tensor] = {}  # scaled auxiliary losses, with grad
+        self.last_entropy = 0.0  # mean per-token routing entropy
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
-        self.last_aux = routing.aux
+        self.last_aux, self.last_entropy = routing.aux, routing.entropy
         ids_TK = routing.ids_TK
         if self.capacity_factor > 0:
             ids_TK = apply_capacity(ids_TK, routing.weights_TK.detach(),
                                     self.experts.num_experts, self.capacity_factor)
             self.last_dropped = int((ids_TK < 0).sum())
         self.last_ids_TK, self.last_weights_TK = routing.ids_TK, routing.weights_TK.detach()
-        return self.experts(x_TD, ids_TK, routing.weights_TK).view(B, T, D)
+        y_TD = self.experts(x_TD, ids_TK, routing.weights_TK, self.last_dropped)
+        return y_TD.view(B, T, D)
 
 
 def apply_capacity(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,

@@ -23,6 +23,7 @@ class Routing:
     ids_TK: torch.Tensor  # int64 flat expert ids
     weights_TK: torch.Tensor  # fp32 combine weights
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # scaled auxiliary terms
+    entropy: float = 0.0  # mean per-token entropy of the routing distribution (nats)
 
 
 def hi_moe_terms(cfg: HiMoEConfig, probs_TE: torch.Tensor, intra_scale: float) -> dict:
@@ -51,6 +52,12 @@ class HierarchicalRouter(nn.Module):
         nn.init.normal_(self.main_weight_ND, std=0.02)
         nn.init.normal_(self.group_weight_NMD, std=0.02)
         self.intra_scale = 1.0  # set by the trainer for the R_intra warm-up
+        # Loss-free balancing: selection biases for groups and for experts within groups.
+        self.register_buffer("group_bias_N", torch.zeros(cfg.num_moes))
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.total_experts))
+        self.register_buffer("group_counts_N", torch.zeros(cfg.num_moes), persistent=False)
+        self.register_buffer("expert_counts_E", torch.zeros(cfg.total_experts),
+                             persistent=False)
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -58,16 +65,22 @@ class HierarchicalRouter(nn.Module):
         x32_TD = x_TD.float()
         logits1_TN = x32_TD @ self.main_weight_ND.float().t()
         p1_TN = F.softmax(logits1_TN, dim=-1)
-        p1_TG, g_TG = p1_TN.topk(cfg.top_k_groups, dim=-1)  # G = top_k_groups
+        g_TG = (p1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
+        p1_TG = p1_TN.gather(1, g_TG)  # G = top_k_groups; weights never see the bias
         # All N*M level-2 logits in one matmul (M is small), then keep the chosen groups' rows:
         # gradient reaches only the routers of the groups that were picked.
         logits2_TNM = (x32_TD @ self.group_weight_NMD.float().reshape(N * M, -1).t()).view(-1, N, M)
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
         logits2_TGM = logits2_TNM.gather(1, idx_TGM)
         p2_TGM = F.softmax(logits2_TGM, dim=-1)
-        p2_TGJ, j_TGJ = p2_TGM.topk(cfg.top_k_experts, dim=-1)  # J = top_k_experts
+        bias_TGM = self.expert_bias_E.view(N, M)[g_TG]
+        j_TGJ = (p2_TGM + bias_TGM).topk(cfg.top_k_experts, dim=-1).indices  # J = top_k_experts
+        p2_TGJ = p2_TGM.gather(2, j_TGJ)
         ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
         weights_TK = (p1_TG.unsqueeze(-1) * p2_TGJ).flatten(1)
+        if self.training and cfg.bias_update_rate:
+            self.group_counts_N += torch.bincount(g_TG.reshape(-1), minlength=N)
+            self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=N * M)
         aux = {}
         if cfg.switch_coef:
             aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ)
@@ -78,7 +91,31 @@ class HierarchicalRouter(nn.Module):
             # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
             pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
             aux |= hi_moe_terms(cfg, pi_TE, self.intra_scale)
-        return Routing(ids_TK, weights_TK, aux)
+        return Routing(ids_TK, weights_TK, aux, routing_entropy(p1_TN, logits2_TNM))
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """After an optimiser step: favour groups, and experts within each group, that got
+        less than their share of the step's assignments."""
+        rate, M = self.cfg.bias_update_rate, self.cfg.num_experts
+        sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate)
+        sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate)
+        self.group_counts_N.zero_()
+        self.expert_counts_E.zero_()
+
+
+def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float) -> None:
+    """Loss-free balancing (DeepSeek-V3): b += rate * sign(mean(c) - c) along each row of
+    candidates that compete with each other, then centred so only differences matter."""
+    bias_RC += rate * torch.sign(counts_RC.mean(-1, keepdim=True) - counts_RC)
+    bias_RC -= bias_RC.mean(-1, keepdim=True)
+
+
+def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
+    """Mean entropy of the joint routing distribution p1[g] * p2[g, j] (nats)."""
+    with torch.no_grad():
+        joint_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
+        return float(losses.entropy(joint_TE).mean())
 
 
 def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ) -> torch.Tensor:
@@ -139,8 +176,70 @@ class GroupedRouter(nn.Module):
         if cfg.z_coef:
             aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
         aux |= hi_moe_terms(cfg, raw_TE, self.intra_scale)
-        return Routing(ids_TK, weights_TK, aux)
+        return Routing(ids_TK, weights_TK, aux, float(losses.entropy(pi_TE.detach()).mean()))
+
+
+class TopKRouter(nn.Module):
+    """Flat top-k over all E experts (MiniMoE, OLMoE): p = softmax(W x), keep the top k.
+    OLMoE keeps the raw probabilities as weights, MiniMoE-style code renormalises them over
+    the kept experts: cfg.renormalize. With loss-free balancing (cfg.bias_update_rate > 0)
+    the selection is on p + b, the weights on p alone."""
+
+    def __init__(self, cfg: HiMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.total_experts
+        self.weight_ED = nn.Parameter(torch.empty(E, cfg.n_embd))
+        nn.init.normal_(self.weight_ED, std=0.02)
+        self.register_buffer("expert_bias_E", torch.zeros(E))
+        self.register_buffer("expert_counts_E", torch.zeros(E), persistent=False)
+        self.intra_scale = 1.0
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        return scores_TE.topk(self.cfg.top_k_experts, dim=-1).indices
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        z_TE = x_TD.float() @ self.weight_ED.float().t()
+        p_TE = F.softmax(z_TE, -1)
+        ids_TK = self.select(p_TE + self.expert_bias_E)
+        weights_TK = p_TE.gather(1, ids_TK)
+        if cfg.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        if self.training and cfg.bias_update_rate:
+            self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=len(p_TE[0]))
+        aux = {}
+        if cfg.switch_coef:
+            aux["switch"] = cfg.switch_coef * losses.switch_loss(p_TE, ids_TK)
+        if cfg.z_coef:
+            aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
+        aux |= hi_moe_terms(cfg, p_TE, self.intra_scale)
+        return Routing(ids_TK, weights_TK, aux, float(losses.entropy(p_TE.detach()).mean()))
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        sign_update(self.expert_bias_E.view(1, -1), self.expert_counts_E.view(1, -1),
+                    self.cfg.bias_update_rate)
+        self.expert_counts_E.zero_()
+
+
+class GroupLimitedRouter(TopKRouter):
+    """DeepSeek-V3's group-limited selection, itself a two-level router: a group's score is
+    the sum of its two best (biased) expert scores; keep top_k_groups groups, then the top
+    top_k_experts experts among theirs."""
+
+    def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        N, M = cfg.num_moes, cfg.num_experts
+        scores_TNM = scores_TE.view(-1, N, M)
+        group_score_TN = scores_TNM.topk(min(2, M), dim=-1).values.sum(-1)
+        keep_TG = group_score_TN.topk(cfg.top_k_groups, dim=-1).indices
+        keep_TN = torch.zeros_like(group_score_TN, dtype=torch.bool).scatter_(1, keep_TG, True)
+        masked_TE = scores_TNM.masked_fill(~keep_TN.unsqueeze(-1), float("-inf")).flatten(1)
+        return masked_TE.topk(cfg.top_k_experts, dim=-1).indices
 
 
 def build_router(cfg: HiMoEConfig) -> nn.Module:
-    return {"hierarchical": HierarchicalRouter, "grouped": GroupedRouter}[cfg.router](cfg)
+    routers = {"hierarchical": HierarchicalRouter, "grouped": GroupedRouter,
+               "topk": TopKRouter, "group_limited": GroupLimitedRouter}
+    return routers[cfg.router](cfg)

@@ -1,0 +1,45 @@
+"""`--preset`: the routing and losses of each source design, at our model size.
+
+Every MoE preset keeps the card's active parameters per token: its experts are narrowed so
+that (experts per token) x (expert width) = 4 * n_embd, the card's one expert. Explicit
+flags still override anything a preset sets.
+"""
+
+from __future__ import annotations
+
+from himoe.config import HiMoEConfig
+from himoe.errors import UserError
+
+PRESETS: dict[str, dict] = {
+    # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss.
+    "himoe-card": dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
+    # The card's routing with loss-free bias balancing (the gradient is left alone).
+    "himoe-balanced": dict(router="hierarchical", top_k_groups=1, top_k_experts=1,
+                           bias_update_rate=1e-3),
+    # The Hi-MoE paper's reference code: grouped top-1 in every group, its loss terms,
+    # R_intra ramped in after the balance terms (the paper's two stages).
+    "hi-moe": dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
+                   inter_coef=0.05, intra_coef=0.1, intra_warmup=100),
+    # MiniMoE: 4 experts, top-2, renormalised, Switch loss.
+    "minimoe": dict(router="topk", num_moes=1, num_experts=4, top_k_experts=2,
+                    renormalize=True, switch_coef=0.01),
+    # OLMoE: 64 experts, top-8, raw probabilities, Switch 0.01 + z 0.001, dropless.
+    "olmoe": dict(router="topk", num_moes=1, num_experts=64, top_k_experts=8,
+                  renormalize=False, switch_coef=0.01, z_coef=0.001),
+    # The dense-equivalent baseline.
+    "dense": dict(router="dense"),
+}
+
+
+def preset_values(name: str, given: dict) -> dict:
+    """The preset's settings, then the user's explicit flags on top; with the expert width
+    that keeps the card's active parameters per token unless --expert_hidden was given."""
+    if name not in PRESETS:
+        raise UserError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **given, "preset": name}
+    if "expert_hidden" not in given and values["router"] != "dense":
+        probe = HiMoEConfig(**{k: v for k, v in values.items() if k != "expert_hidden"})
+        k = probe.experts_per_token
+        if k > 1:  # rounded to a multiple of 8 for aligned matmuls
+            values["expert_hidden"] = max(8, round(4 * probe.n_embd / k / 8) * 8)
+    return values

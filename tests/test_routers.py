@@ -1,0 +1,142 @@
+"""Every router: valid ids and weights, gradient to its parameters; loss-free balancing;
+presets."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from himoe import checkpoint
+from himoe.analysis.balance import load_figures
+from himoe.config import HiMoEConfig
+from himoe.model import HiMoEModel
+from himoe.model.routing import GroupLimitedRouter, TopKRouter, build_router
+from himoe.presets import PRESETS, preset_values
+from tests.conftest import tiny_config
+
+ROUTER_CONFIGS = {
+    "hierarchical": dict(top_k_groups=2, top_k_experts=2),
+    "grouped": dict(top_k_experts=2),
+    "topk": dict(top_k_experts=3),
+    "group_limited": dict(top_k_groups=2, top_k_experts=3),
+}
+
+
+@pytest.mark.parametrize("router", sorted(ROUTER_CONFIGS))
+def test_every_router_gives_valid_ids_weights_and_gradient(router):
+    torch.manual_seed(0)
+    cfg = tiny_config(router=router, switch_coef=0.01, z_coef=0.001, **ROUTER_CONFIGS[router])
+    r = build_router(cfg)
+    x = torch.randn(40, cfg.n_embd)
+    out = r(x)
+    k = cfg.experts_per_token
+    assert out.ids_TK.shape == out.weights_TK.shape == (40, k)
+    assert out.ids_TK.min() >= 0 and out.ids_TK.max() < cfg.total_experts
+    assert all(len(set(row)) == k for row in out.ids_TK.tolist())  # no expert twice
+    assert torch.all(out.weights_TK > 0)
+    loss = out.weights_TK.square().sum() + sum(out.aux.values())
+    loss.backward()
+    for name, p in r.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_topk_renormalisation_switch():
+    torch.manual_seed(1)
+    x = torch.randn(20, 32)
+    raw = TopKRouter(tiny_config(router="topk", top_k_experts=3))
+    norm = TopKRouter(tiny_config(router="topk", top_k_experts=3, renormalize=True))
+    norm.load_state_dict(raw.state_dict())
+    p = F.softmax(x @ raw.weight_ED.t(), -1)
+    a, b = raw(x), norm(x)
+    assert torch.equal(a.ids_TK, b.ids_TK)
+    torch.testing.assert_close(a.weights_TK, p.topk(3).values)  # OLMoE: raw probabilities
+    torch.testing.assert_close(b.weights_TK.sum(-1), torch.ones(20))
+
+
+def test_group_limited_picks_only_inside_the_best_groups():
+    torch.manual_seed(2)
+    cfg = tiny_config(router="group_limited", num_moes=4, num_experts=3, top_k_groups=2,
+                      top_k_experts=2)
+    r = GroupLimitedRouter(cfg)
+    x = torch.randn(30, cfg.n_embd)
+    ids = r(x).ids_TK
+    p = F.softmax(x @ r.weight_ED.t(), -1).view(30, 4, 3)
+    best_groups = p.topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    for t in range(30):
+        assert set((ids[t] // 3).tolist()) <= set(best_groups[t].tolist())
+        allowed = p[t][best_groups[t]].flatten()
+        chosen = p[t].flatten()[ids[t]].sort().values
+        assert torch.allclose(chosen, allowed.topk(2).values.sort().values)
+
+
+@pytest.mark.parametrize("router", ["topk", "hierarchical"])
+def test_loss_free_bias_balances_a_skewed_router(router):
+    """No gradient at all: only the bias update acts, and the load evens out."""
+    torch.manual_seed(3)
+    cfg = tiny_config(router=router, num_moes=2, num_experts=4, top_k_experts=1,
+                      bias_update_rate=1e-2)
+    r = build_router(cfg).train()
+    x = torch.randn(512, cfg.n_embd)
+    x[:, 0] += 1.0  # strong enough to skew, weak enough that tokens still differ
+    with torch.no_grad():  # skew: along x's first feature, low-numbered experts win
+        for p in r.parameters():
+            n = p.shape[-2]
+            p[..., 0] = torch.linspace(1.0, -1.0, n).view(*([1] * (p.dim() - 2)), n)
+
+    def cv():
+        return load_figures(torch.bincount(r(x).ids_TK.flatten(), minlength=8), 2)["expert_cv"]
+
+    before = cv()
+    for _ in range(300):
+        r(x)
+        r.update_balance_bias()
+    after = cv()
+    assert before > 1.5 and after < 0.4
+    # The bias changes the choice, never the weights: a chosen expert's weight is its prob.
+    out = r(x)
+    if router == "topk":
+        p = F.softmax(x @ r.weight_ED.t(), -1)
+        torch.testing.assert_close(out.weights_TK, p.gather(1, out.ids_TK))
+
+
+def test_loss_free_bias_is_saved_with_the_router(tmp_path):
+    torch.manual_seed(4)
+    model = HiMoEModel(tiny_config(bias_update_rate=1e-2))
+    with torch.no_grad():
+        for moe in model.moe_layers.values():
+            moe.router.group_bias_N.normal_()
+            moe.router.expert_bias_E.normal_()
+    checkpoint.save_model(model, [str(i) for i in range(20)], 3, tmp_path)
+    sd = torch.load(tmp_path / "layer_01_moe_expert_002" / "router.pt", weights_only=True)
+    assert set(sd) == {"weight", "balance_bias"}
+    loaded, *_ = checkpoint.load_model(tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_card_preset_is_the_default_model():
+    values = preset_values("himoe-card", {})
+    cfg = dataclasses.replace(HiMoEConfig(), **values)
+    assert dataclasses.replace(cfg, preset="") == HiMoEConfig()
+    torch.manual_seed(5)
+    a = HiMoEModel(dataclasses.replace(cfg, vocab_size=20, n_embd=32))
+    torch.manual_seed(5)
+    b = HiMoEModel(HiMoEConfig(vocab_size=20, n_embd=32))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_trains_a_step_with_the_cards_active_parameters(name):
+    torch.manual_seed(6)
+    # n_embd 96: 4 * 96 divides into 2, 6 and 8 expert widths that are multiples of 8.
+    cfg = dataclasses.replace(HiMoEConfig(), **preset_values(name, {"n_embd": 96, "n_head": 2}),
+                              vocab_size=20, block_size=16)
+    model = HiMoEModel(cfg.validate())
+    # The expert width each token runs through is the card's one 4 * n_embd expert.
+    assert cfg.experts_per_token * cfg.ffn_hidden == 4 * 96
+    idx = torch.randint(0, 20, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
