@@ -3,7 +3,8 @@ import torch
 
 from himoe.config import HiMoEConfig
 
-torch.set_num_threads(2)
+# Tests use tiny models: one thread avoids spin-waiting when the machine is busy.
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> HiMoEConfig:

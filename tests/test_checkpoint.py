@@ -11,7 +11,7 @@ from tests.conftest import tiny_config
 
 
 def expected_files(n_layer, N, M):
-    files = {"config.json", "backbone.pt"}
+    files = {"config.json", "backbone.pt", "manifest.json"}  # manifest.json: the commit record
     for layer in range(1, n_layer + 1):
         prefix = f"layer_{layer:02d}_" if n_layer > 1 else ""
         files.add(f"{prefix}main_router.pt")
@@ -88,7 +88,7 @@ def test_a_replaced_router_file_is_used_on_the_next_load(tmp_path):
 
 def test_dense_baseline_saves_only_a_backbone(tmp_path):
     model = HiMoEModel(tiny_config(router="dense"))
-    assert saved(model, tmp_path) == {"config.json", "backbone.pt"}
+    assert saved(model, tmp_path) == {"config.json", "backbone.pt", "manifest.json"}
     loaded, *_ = checkpoint.load_model(tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])

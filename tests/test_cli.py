@@ -69,7 +69,7 @@ def test_card_script_resume_and_generate(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["train", "--n_embd", "30", "--n_head", "4"], "not divisible"),
     (["train", "--lr", "fast"], "--lr needs a float"),
-    (["train", "--top_k_experts", "9"], "larger than --num_experts"),
+    (["train", "--top_k_experts", "9"], "--top_k_experts 9 is larger than the 8 experts"),
     (["train", "--batch_size", "0"], "positive"),
     (["train", "--data_file", "/nonexistent/corpus.txt"], "does not exist"),
     (["train", "--resume", "--model_dir", "/nonexistent/model"], "does not exist"),

@@ -8,27 +8,40 @@
         model_00J.pt                 expert J: {"fc1.weight": [F, D], "fc1.bias": [F],
                                                 "fc2.weight": [D, F], "fc2.bias": [D]}
     train_state.pt                   optimiser, schedule, RNG and data position (for --resume)
+    metrics.jsonl                    one line per evaluation, up to the saved step
+    manifest.json                    path, size and sha256 of every file above, and the step
 
 The `layer_LL_` prefix appears only when n_layer > 1, as the card lists. Group and expert
 numbers are 1-based, as in the card. Every .pt file is a plain state_dict that loads with
 torch.load(..., weights_only=True); an expert file loads into himoe.Expert on its own.
 This is the only module that knows both the stacked and the per-file layout.
+
+A save is atomic (himoe.atomic_dir): all of these files belong to the same step, and
+manifest.json, written last, is the commit record. Loading first finishes or discards a save
+that a crash interrupted, so a reader always sees one complete save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+from himoe import atomic_dir
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -69,11 +82,17 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     M = cfg.num_experts
     for layer in sorted(moe_layers):
         if cfg.router == "hierarchical":
-            files[main_router_file(cfg, layer)] = {
-                "weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
+            main = {"weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
             group_w = state[_moe_key(layer, "router.group_weight_NMD")]
-            for g in range(cfg.num_moes):
-                files[group_router_file(cfg, layer, g)] = {"weight": group_w[g].clone()}
+            groups = [{"weight": group_w[g].clone()} for g in range(cfg.num_moes)]
+            if cfg.bias_update_rate:  # loss-free balancing state, else the card's plain gates
+                main["balance_bias"] = state[_moe_key(layer, "router.group_bias_N")].clone()
+                expert_bias = state[_moe_key(layer, "router.expert_bias_E")].view(cfg.num_moes, M)
+                for g, sd in enumerate(groups):
+                    sd["balance_bias"] = expert_bias[g].clone()
+            files[main_router_file(cfg, layer)] = main
+            for g, sd in enumerate(groups):
+                files[group_router_file(cfg, layer, g)] = sd
         else:  # one router over all experts, with its buffers (e.g. the logit EMA)
             prefix = _moe_key(layer, "router.")
             files[main_router_file(cfg, layer)] = {
@@ -91,15 +110,36 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+def load_weight_file(path: Path, plain: bool = True) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers, never code. plain: the
+    file must be a state_dict ({name: tensor}); train_state.pt passes False (nested)."""
     if not path.is_file():
         raise UserError(f"model file {path} is missing; re-save the model or copy the file back")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": keep one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for refused or broken files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load {path} as plain weights ({first}); replace the file "
-                        "with one saved by himoe") from None
+        raise UserError(_load_failure(path, e)) from None
+    if not isinstance(obj, dict) or (plain and not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise UserError(f"{path} does not hold a state_dict of tensors; replace it with a "
+                        "file saved by himoe")
+    return obj
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        # torch's message is a paragraph; the line naming the refused global is the news.
+        detail = next((line.strip() for line in text.splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), "")
+        return (f"refused to load {path}: it is not plain weights and could run code when "
+                f"unpickled{f' ({detail})' if detail else ''}; himoe loads only tensors, "
+                "replace the file with one saved by himoe")
+    first = text.splitlines()[0] if text else type(e).__name__
+    return (f"cannot load {path} as plain weights ({first}); replace the file with one "
+            "saved by himoe")
 
 
 def from_files(model: HiMoEModel, model_dir: Path) -> None:
@@ -112,11 +152,19 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
     M = cfg.num_experts
     for layer in moe_layers:
         if cfg.router == "hierarchical":
-            state[_moe_key(layer, "router.main_weight_ND")] = _get(
-                model_dir, main_router_file(cfg, layer), "weight")
+            main = load_weight_file(model_dir / main_router_file(cfg, layer))
+            groups = [load_weight_file(model_dir / group_router_file(cfg, layer, g))
+                      for g in range(cfg.num_moes)]
+            state[_moe_key(layer, "router.main_weight_ND")] = _pick(
+                main, "weight", main_router_file(cfg, layer))
             state[_moe_key(layer, "router.group_weight_NMD")] = torch.stack([
-                _get(model_dir, group_router_file(cfg, layer, g), "weight")
-                for g in range(cfg.num_moes)])
+                _pick(sd, "weight", group_router_file(cfg, layer, g))
+                for g, sd in enumerate(groups)])
+            # A plain gate (e.g. an nn.Linear state_dict swapped in) has no balancing bias.
+            state[_moe_key(layer, "router.group_bias_N")] = main.get(
+                "balance_bias", torch.zeros(cfg.num_moes))
+            state[_moe_key(layer, "router.expert_bias_E")] = torch.cat([
+                sd.get("balance_bias", torch.zeros(M)) for sd in groups])
         else:
             router = load_weight_file(model_dir / main_router_file(cfg, layer))
             state.update({_moe_key(layer, f"router.{k}"): v for k, v in router.items()})
@@ -191,53 +239,163 @@ def atomic_write_text(text: str, path: Path) -> None:
 # --- whole model directory ---
 
 def check_model_dir_writable(model_dir: Path) -> None:
+    """Checked before any work. Nothing is created here (the first save creates the
+    directory), so a run that stops on bad input leaves nothing behind."""
+    model_dir = Path(model_dir)
     if model_dir.exists() and not model_dir.is_dir():
         raise UserError(f"--model_dir {model_dir} is a file; pass a directory path")
-    try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --model_dir {model_dir} ({e.strerror}); pick a "
-                        "writable location") from None
-    if not os.access(model_dir, os.W_OK):
-        raise UserError(f"--model_dir {model_dir} is not writable; pick a writable location")
+    existing = model_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--model_dir {model_dir} cannot be created because {existing} is a "
+                        "file; pick a path under a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--model_dir {model_dir} is not writable ({existing} does not allow "
+                        "writing); pick a writable location")
 
 
-def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path) -> None:
-    """Weight files first, config.json last: config.json's step names a complete save."""
+def _say(note: str | None) -> None:
+    if note:
+        print(f"himoe: {note}", file=sys.stderr, flush=True)
+
+
+def _torch_writer(obj):
+    return lambda f: torch.save(obj, f)
+
+
+def _bytes_writer(data: bytes):
+    return lambda f: f.write(data)
+
+
+def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
+               extra: dict[str, object] | None = None) -> None:
+    """One atomic save of the weight files, `extra` ({name: object}: str or bytes are written
+    as they are, anything else with torch.save; e.g. train_state.pt) and config.json: either
+    all of them replace the previous save or none does. manifest.json records the set."""
     model_dir = Path(model_dir)
-    for name, sd in to_files(model).items():
-        atomic_save(sd, model_dir / name)
+    writers = {name: _torch_writer(sd) for name, sd in to_files(model).items()}
+    for name, obj in (extra or {}).items():
+        if isinstance(obj, str):
+            obj = obj.encode("utf-8")
+        writers[name] = _bytes_writer(obj) if isinstance(obj, bytes) else _torch_writer(obj)
     meta = {"himoe_format": FORMAT_VERSION, "step": step, "vocab": vocab,
             "config": model.cfg.to_dict()}
-    atomic_write_text(json.dumps(meta, indent=2), model_dir / CONFIG_FILE)
+    writers[CONFIG_FILE] = _bytes_writer(json.dumps(meta, indent=2).encode("utf-8"))
+    try:
+        note = atomic_dir.save(model_dir, writers, step)
+    except OSError as e:
+        raise UserError(_save_failure(model_dir, step, e)) from None
+    _say(note)
+
+
+def _save_failure(model_dir: Path, step: int, e: OSError) -> str:
+    with contextlib.suppress(OSError):  # settle a save that failed after its commit point
+        with atomic_dir.locked(model_dir):
+            atomic_dir.recover(model_dir)
+    kept = atomic_dir.saved_step(model_dir)
+    reason = e.strerror or str(e) or type(e).__name__
+    where = f" ({e.filename})" if e.filename else ""
+    hint = ("free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the directory's permissions and free space")
+    if kept is not None:
+        return (f"saving step {step} to {model_dir} failed: {reason}{where}; the complete "
+                f"save of step {kept} is kept, {hint} and continue with --resume")
+    return (f"saving step {step} to {model_dir} failed: {reason}{where}; no earlier save "
+            f"exists, {hint} and train again")
+
+
+def recover_model_dir(model_dir: Path) -> None:
+    """Finish or discard a save that a crash interrupted, saying so in one line."""
+    model_dir = Path(model_dir)
+    with atomic_dir.locked(model_dir):
+        recover_locked(model_dir)
+
+
+def recover_locked(model_dir: Path) -> None:
+    try:
+        _say(atomic_dir.recover(model_dir))
+    except OSError as e:
+        raise UserError(f"{model_dir} holds an interrupted save that cannot be repaired "
+                        f"({e.strerror or e}); make the directory writable and run "
+                        f"`himoe verify --model_dir {model_dir}`") from None
+
+
+def check_is_model_dir(model_dir: Path) -> None:
+    if model_dir.exists() and not model_dir.is_dir():
+        raise UserError(f"--model_dir {model_dir} is a file, not a model directory; pass the "
+                        "directory that `himoe train` wrote")
+    if not model_dir.is_dir():
+        raise UserError(f"model directory {model_dir} does not exist; train one first with "
+                        f"`himoe train --model_dir {model_dir}`")
 
 
 def read_config(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
     model_dir = Path(model_dir)
+    check_is_model_dir(model_dir)
+    with atomic_dir.locked(model_dir):
+        recover_locked(model_dir)
+        return read_config_unlocked(model_dir)
+
+
+def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
     path = model_dir / CONFIG_FILE
-    if not model_dir.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist; train one first with "
-                        f"`himoe train --model_dir {model_dir}`")
     if not path.is_file():
         raise UserError(f"{path} is missing; {model_dir} is not a himoe model directory")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
         cfg = HiMoEConfig.from_dict(meta["config"])
         vocab, step = list(meta["vocab"]), int(meta["step"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        cfg.validate()  # inside: a value of the wrong type fails here with a TypeError
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+            ValueError) as e:
         raise UserError(f"{path} is broken ({type(e).__name__}: {e}); restore it from a "
                         "backup or re-train") from None
+    if not vocab or not all(isinstance(c, str) and c for c in vocab) or \
+            len(set(vocab)) != len(vocab):
+        raise UserError(f"{path}: the vocabulary must be a list of distinct non-empty strings; "
+                        "restore the file")
     if cfg.vocab_size != len(vocab):
         raise UserError(f"{path}: vocab_size {cfg.vocab_size} does not match the "
                         f"{len(vocab)}-entry vocabulary; restore the file")
-    cfg.validate()
     return cfg, vocab, step
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu"):
-    """(model, cfg, vocab, step) from a modular checkpoint; nothing is unpickled."""
+    """(model, cfg, vocab, step) from a modular checkpoint; nothing is unpickled. The lock
+    keeps a concurrent save from replacing files half-way through the read."""
     model_dir = Path(model_dir)
-    cfg, vocab, step = read_config(model_dir)
-    model = HiMoEModel(cfg)
-    from_files(model, model_dir)
+    check_is_model_dir(model_dir)
+    with atomic_dir.locked(model_dir):
+        recover_locked(model_dir)
+        cfg, vocab, step = read_config_unlocked(model_dir)
+        model = HiMoEModel(cfg)
+        try:
+            from_files(model, model_dir)
+        except (RuntimeError, TypeError, ValueError) as e:  # files that do not fit together
+            text = str(e).strip()
+            first = text.splitlines()[0] if text else ""
+            raise UserError(f"the files in {model_dir} do not match its config.json "
+                            f"({type(e).__name__}: {first}); restore them, and run `himoe "
+                            f"verify --model_dir {model_dir}` to see which") from None
     return model.to(device), cfg, vocab, step
+
+
+def read_metrics(model_dir: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl up to `step` (a resumed run appends after them); lines
+    that do not parse are dropped, so a torn line from an old crash cannot stay."""
+    path = Path(model_dir) / METRICS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    kept = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int) and \
+                entry["step"] <= step:
+            kept.append(line + "\n")
+    return kept

@@ -1,17 +1,21 @@
-"""`himoe train | generate | bench`: the command line. Bad input exits 2 with one line."""
+"""`himoe train | generate | verify | bench`: the command line. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
-from himoe.config import DEVICES, DTYPES, MODEL_FIELDS, ROUTERS, HiMoEConfig
+from himoe.config import DEVICES, DTYPES, MODEL_FIELDS, REG_FORMS, ROUTERS, HiMoEConfig
 from himoe.errors import UserError
+from himoe.presets import PRESETS, preset_values
 
-CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES}
+CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
+           "preset": tuple(PRESETS)}
 HELP = {
     "n_embd": "embedding / hidden dimension", "n_layer": "number of Transformer layers",
     "n_head": "attention heads", "block_size": "context window (tokens)",
@@ -19,7 +23,8 @@ HELP = {
     "dropout": "dropout rate", "top_k_groups": "MoE blocks chosen per token (level 1)",
     "top_k_experts": "experts chosen per chosen block (level 2)",
     "ffn_mult": "expert hidden width as a multiple of n_embd",
-    "router": "hierarchical (the card's) or dense (one plain FFN: the baseline)",
+    "router": "hierarchical (the card's), grouped (Hi-MoE), topk (flat), group_limited "
+              "(DeepSeek-V3) or dense (one plain FFN: the baseline)",
     "capacity_factor": "0 = dropless; else an expert keeps its cf*T*k/E highest-weight tokens",
     "batch_size": "training batch size", "max_iters": "training steps",
     "lr": "peak learning rate", "warmup_iters": "linear warm-up steps",
@@ -30,6 +35,10 @@ HELP = {
     "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
     "data_file": "training corpus, a UTF-8 text file (default: the shipped hamlet.txt)",
     "model_dir": "where the modular checkpoint goes", "sample_tokens": "length of sample.txt",
+    "preset": "routing and losses of a source design (README: Presets); flags override it",
+    "renormalize": "topk / group_limited: renormalise the kept weights to sum to 1",
+    "bias_update_rate": "loss-free balancing: selection-bias step per optimiser step (0 = off)",
+    "expert_hidden": "expert width (0: ffn_mult * n_embd)",
     "compile": "true: torch.compile the training forward (slow start, faster steps)",
     "switch_coef": "Switch load-balancing loss coefficient", "z_coef": "router z-loss coefficient",
     "inter_coef": "Hi-MoE inter-group balancing (lambda2)",
@@ -84,7 +93,11 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
              if hasattr(args, f.name)}
     if not resume:
+        if "preset" in given:
+            given = preset_values(given.pop("preset"), given)
         return dataclasses.replace(HiMoEConfig(), **given).validate()
+    if "preset" in given:
+        raise UserError("--preset sets up a new model; drop it when you --resume")
     from himoe.checkpoint import read_config
 
     saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
@@ -100,25 +113,66 @@ def cmd_train(args) -> int:
     from himoe.training.trainer import Trainer
 
     cfg = config_from_args(args, args.resume)
-    Trainer(cfg, resume=args.resume).train()
+    Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite).train()
     return 0
+
+
+def cmd_verify(args) -> int:
+    from himoe.verify import verify
+
+    problems, summary = verify(Path(args.model_dir))
+    for line in problems:
+        print(f"himoe: verify: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print(summary)
+    return 0
+
+
+def check_generate_args(args) -> None:
+    """Flags that can never work, refused before the model is loaded."""
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                        f"{args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top_k must be >= 1 (above the vocabulary size it keeps every "
+                        f"token), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
 
 
 def cmd_generate(args) -> int:
     import torch
 
     from himoe.checkpoint import load_model
-    from himoe.data.corpus import CharTokenizer
+    from himoe.data.corpus import CharTokenizer, show_chars
 
+    check_generate_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device "
+                        "cpu or auto")
     device = "cuda" if args.device == "cuda" or (args.device == "auto"
                                                  and torch.cuda.is_available()) else "cpu"
     model, cfg, vocab, _ = load_model(Path(args.model_dir), device)
     model.eval()
     tok = CharTokenizer(vocab)
+    # Characters the model never saw: refused by default (--unknown error), or dropped with
+    # a note naming them (--unknown skip). The printed prompt is the one the model got.
+    prompt, missing = tok.drop_unknown(args.prompt)
+    if missing and args.unknown == "error":
+        raise UserError(f"--prompt has characters outside the model's vocabulary: "
+                        f"{show_chars(missing)}; remove them, or pass --unknown skip to drop "
+                        "them")
+    if missing:
+        print(f"himoe: dropped prompt characters outside the vocabulary: "
+              f"{show_chars(missing)}", file=sys.stderr)
+    args.prompt = prompt
     context = tok.encode(args.prompt) if args.prompt else [tok.blank_token()]
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
     batch = torch.tensor([context] * args.num_samples, device=device)  # one batched run
     out = model.generate(batch, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
@@ -158,6 +212,9 @@ def build_parser() -> Parser:
     add_config_flags(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint in --model_dir")
+    train.add_argument("--skip_nonfinite", "--skip-nonfinite", action="store_true",
+                       help="skip a step whose loss or gradient norm is not finite (no update, "
+                            "counted and logged) instead of stopping the run")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a saved model")
@@ -173,7 +230,15 @@ def build_parser() -> Parser:
     gen.add_argument("--device", choices=DEVICES, default="auto")
     gen.add_argument("--no_cache", "--no-cache", action="store_true",
                      help="recompute the context at every step instead of using the KV cache")
+    gen.add_argument("--unknown", choices=("error", "skip"), default="error",
+                     help="prompt characters outside the vocabulary: error (refuse, listing "
+                          "them) or skip (drop them, listing them on stderr)")
     gen.set_defaults(func=cmd_generate)
+
+    check = sub.add_parser("verify", help="check a saved model: manifest, sizes, sha256, "
+                                          "that every file loads and the model builds")
+    check.add_argument("--model_dir", "--model-dir", default="model")
+    check.set_defaults(func=cmd_verify)
 
     # The flags belong to benchmarks/throughput.py (--help included): main() passes them on.
     bench = sub.add_parser("bench", add_help=False,
@@ -193,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"himoe: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the environment, not a bug: disk full, permissions, I/O errors
+        hint = {errno.ENOSPC: "free some disk space", errno.EACCES: "check the permissions",
+                errno.EROFS: "pick a writable location"}.get(e.errno, "check the path")
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"himoe: error: {e.strerror or e}{where}; {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("himoe: interrupted; the last complete save is kept", file=sys.stderr)

@@ -21,7 +21,11 @@ def load_corpus(path: str | Path | None) -> tuple[str, Path]:
         raise UserError(f"corpus {path} does not exist; pass an existing text file to --data_file")
     if path.is_dir():
         raise UserError(f"corpus {path} is a directory; pass one UTF-8 text file to --data_file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read corpus {path} ({e.strerror}); check its permissions") \
+            from None
     if not raw.strip():
         raise UserError(f"corpus {path} is empty; pass a text file with some text in it")
     if b"\x00" in raw:
@@ -52,11 +56,18 @@ class CharTokenizer:
     def unknown(self, text: str) -> list[str]:
         return sorted({c for c in text if c not in self.index})
 
+    def drop_unknown(self, text: str) -> tuple[str, list[str]]:
+        """(text without the characters outside the vocabulary, those characters)."""
+        missing = self.unknown(text)
+        gone = set(missing)
+        return "".join(c for c in text if c not in gone), missing
+
     def encode(self, text: str) -> list[int]:
         missing = self.unknown(text)
         if missing:
             raise UserError(f"text has characters outside the model's vocabulary: "
-                            f"{''.join(missing)!r}; remove them or train on a corpus that has them")
+                            f"{show_chars(missing)}; remove them or train on a corpus that has "
+                            "them")
         return [self.index[c] for c in text]
 
     def decode(self, ids) -> str:
@@ -65,6 +76,12 @@ class CharTokenizer:
     def blank_token(self) -> int:
         """The card's 'blank context': a newline where the vocabulary has one."""
         return self.index.get("\n", 0)
+
+
+def show_chars(chars: list[str], limit: int = 20) -> str:
+    """Characters as a readable list: repr makes tabs, odd spaces and controls visible."""
+    shown = ", ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
 
 
 def split_train_val(ids: torch.Tensor, block_size: int, val_fraction: float = 0.1):

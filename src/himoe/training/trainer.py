@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -16,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from himoe import checkpoint
-from himoe.analysis.balance import load_figures
+from himoe.analysis.balance import load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
 from himoe.config import HiMoEConfig
@@ -81,14 +82,30 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
 
 
-def train_step(forward, optimizer, params, x_BT, y_BT, grad_clip: float) -> torch.Tensor:
-    """One optimisation step: forward, backward, clip, AdamW, zero_grad. `himoe bench`
-    times exactly this function, so its figures are those of `himoe train`."""
-    _, loss = forward(x_BT, y_BT)
+class NonFiniteStep(Exception):
+    """train_step found a non-finite loss or gradient norm and applied no update."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
+
+
+def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None) -> torch.Tensor:
+    """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
+    balancing update. `himoe bench` times exactly this function, so its figures are those
+    of `himoe train`. forward: a compiled version of model, if any."""
+    _, loss = (forward or model)(x_BT, y_BT)
     loss.backward()
-    clip_grad_norm(params, grad_clip)
+    norm = clip_grad_norm(params, model.cfg.grad_clip)
+    # A non-finite loss or gradient norm must never reach the weights or AdamW's moments.
+    # One host sync; the caller reads the loss every step anyway.
+    if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(loss.item(), float(norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if model.cfg.bias_update_rate:
+        model.update_balance_biases()
     return loss.detach()
 
 
@@ -102,6 +119,8 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
     moe = model.moe_layers
     counts = {i: torch.zeros(cfg.total_experts, dtype=torch.long) for i in moe}
     dropped = dict.fromkeys(moe, 0)
+    batch_maxvio = {i: [] for i in moe}
+    entropy = {i: [] for i in moe}
     losses = []
     for _ in range(cfg.eval_iters):
         x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)
@@ -109,23 +128,35 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
         for i, layer in moe.items():
-            counts[i] += torch.bincount(layer.last_ids_TK.reshape(-1).cpu(),
-                                        minlength=cfg.total_experts)
+            batch_E = torch.bincount(layer.last_ids_TK.reshape(-1).cpu(),
+                                     minlength=cfg.total_experts)
+            counts[i] += batch_E
+            batch_maxvio[i].append(max_violation(batch_E))
+            entropy[i].append(layer.last_entropy)
             dropped[i] += layer.last_dropped
     model.train(was_training)
     val_loss = sum(losses) / len(losses)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "layers": [load_figures(counts[i], cfg.num_moes) | {
+                "batch_maxvio": sum(batch_maxvio[i]) / len(batch_maxvio[i]),
+                "routing_entropy": sum(entropy[i]) / len(entropy[i]),
                 "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
 
 
 class Trainer:
-    def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=sys.stdout):
-        self.out = out
+    def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
+                 skip_nonfinite: bool = False):
+        self.out = out if out is not None else sys.stdout  # the stdout of now, not of import
         self.model_dir = Path(cfg.model_dir)
+        # skip_nonfinite: a step with a non-finite loss or gradient norm is skipped (no
+        # update, counted) instead of stopping the run.
+        self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.device, self.dtype = resolve_device(cfg)
         keep_freed_memory()
         text, corpus_path = load_corpus(cfg.data_file)
+        self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        checkpoint.check_model_dir_writable(self.model_dir)
+        self.metrics_lines: list[str] = []  # metrics.jsonl, saved with each checkpoint
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
             self.tokenizer = CharTokenizer(vocab)
@@ -135,8 +166,8 @@ class Trainer:
                                 f"know: {''.join(missing)!r}; resume on the same corpus")
             self.model, _, _, _ = checkpoint.load_model(self.model_dir)
             cfg.vocab_size = saved_cfg.vocab_size
+            self.metrics_lines = checkpoint.read_metrics(self.model_dir, self.step)
         else:
-            checkpoint.check_model_dir_writable(self.model_dir)
             self.tokenizer = CharTokenizer.from_text(text)
             cfg.vocab_size = self.tokenizer.vocab_size
             self.step = 0
@@ -156,6 +187,7 @@ class Trainer:
         seed_everything(cfg.seed + 1)  # dropout stream, separate from the initial weights
         if resume:
             self._restore_train_state()
+        self.saved_step = self.step if resume else None
         total, active = self.model.parameter_counts()
         self.active_params, self.peak_flops = active, peak_flops(self.device)
         self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
@@ -170,24 +202,38 @@ class Trainer:
     # --- state for --resume ---
     def _train_state(self) -> dict:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                "data_generator": self.data_gen.get_state(), "rng": rng_state()}
+                "data_generator": self.data_gen.get_state(), "rng": rng_state(),
+                "skipped_steps": self.skipped_steps, "corpus_sha256": self.corpus_sha256}
 
     def _restore_train_state(self) -> None:
         path = self.model_dir / checkpoint.TRAIN_STATE_FILE
         if not path.is_file():
             raise UserError(f"{path} is missing, so training cannot resume exactly; "
                             "drop --resume to start a new run")
-        state = checkpoint.load_weight_file(path)
+        state = checkpoint.load_weight_file(path, plain=False)
         if state.get("step") != self.step:
             raise UserError(f"{path} is for step {state.get('step')} but config.json says "
                             f"{self.step}; the last save was interrupted, re-run without --resume")
         self.optimizer.load_state_dict(state["optimizer"])
         self.data_gen.set_state(state["data_generator"])
         set_rng_state(state["rng"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("corpus_sha256", self.corpus_sha256) != self.corpus_sha256:
+            self._print("note: the corpus differs from the one this run was trained on, so "
+                        "the resumed run will not equal an uninterrupted one")
 
     def save(self) -> None:
-        checkpoint.save_model(self.model, self.tokenizer.chars, self.step, self.model_dir)
-        checkpoint.atomic_save(self._train_state(), self.model_dir / checkpoint.TRAIN_STATE_FILE)
+        """Weights, config.json, train_state.pt and metrics.jsonl in one atomic save, so
+        that they always belong to the same step."""
+        try:
+            checkpoint.save_model(self.model, self.tokenizer.chars, self.step, self.model_dir,
+                                  extra={checkpoint.TRAIN_STATE_FILE: self._train_state(),
+                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines)})
+        except BaseException:
+            if getattr(self, "bar", None) is not None:
+                self.bar.close()  # so that the error starts on a line of its own
+            raise
+        self.saved_step = self.step
 
     # --- the loop ---
     def train(self, stop_at: int | None = None) -> TrainResult:
@@ -198,9 +244,9 @@ class Trainer:
         result = TrainResult(self.step, self.model_dir)
         tokens_per_step = cfg.batch_size * cfg.block_size
         model.train()
-        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
-        step_time, window_losses, window_aux = 0.0, [], {}
+        bar = self.bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train",
+                              unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
         while self.step < cfg.max_iters:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
@@ -209,38 +255,44 @@ class Trainer:
                 model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
             x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
-            with autocast(self.device, self.dtype):
-                loss = train_step(self.forward, self.optimizer, self.params,
-                                  x.to(self.device), y.to(self.device), cfg.grad_clip)
-            for name, value in model.aux_losses().items():
-                window_aux[name] = window_aux.get(name, 0.0) + value
-            loss_value = loss.item()
+            # The forward may update router buffers (e.g. a logit EMA): a skipped step undoes it.
+            buffers = [b.clone() for b in model.buffers()] if self.skip_nonfinite else None
+            try:
+                with autocast(self.device, self.dtype):
+                    loss = train_step(model, self.optimizer, self.params, x.to(self.device),
+                                      y.to(self.device), self.forward)
+                loss_value = loss.item()
+            except NonFiniteStep as bad:
+                self._skip_or_stop(bad, bar, buffers)  # raises unless --skip_nonfinite
+                loss_value = bad.loss
+            else:
+                for name, value in model.aux_losses().items():
+                    window_aux[name] = window_aux.get(name, 0.0) + value
+                window_losses.append(loss_value)
             step_time += time.perf_counter() - t0
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise UserError(f"loss became {loss_value} at step {self.step + 1}; lower --lr "
-                                f"and resume from the last save in {self.model_dir}")
             self.step += 1
+            window_steps += 1
             result.train_losses.append(loss_value)
-            window_losses.append(loss_value)
-            tok_s = len(window_losses) * tokens_per_step / max(step_time, 1e-9)
+            tok_s = window_steps * tokens_per_step / max(step_time, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             refresh=False)
             bar.update(1)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
                 ev = evaluate(model, self.val_data, cfg, self.device, self.dtype)
+                done = max(1, len(window_losses))  # steps of this window that were not skipped
                 ev.update(step=self.step, lr=lr, tokens_per_s=tok_s,
-                          train_loss=sum(window_losses) / len(window_losses),
-                          aux={k: v / len(window_losses) for k, v in window_aux.items()},
-                          mfu=mfu(cfg, self.active_params, tok_s, self.peak_flops))
+                          train_loss=sum(window_losses) / len(window_losses) if window_losses
+                          else float("nan"),
+                          aux={k: v / done for k, v in window_aux.items()},
+                          mfu=mfu(cfg, self.active_params, tok_s, self.peak_flops),
+                          skipped_steps=self.skipped_steps)
                 bar.write(f"step {self.step}: train loss {ev['train_loss']:.4f}, val loss "
                           f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
                           file=self.out)
+                self.metrics_lines.append(json.dumps(ev) + "\n")
                 self.save()
-                with open(self.model_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(ev) + "\n")
                 result.evals.append(ev)
-                step_time, window_losses, window_aux = 0.0, [], {}
+                step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
@@ -248,6 +300,21 @@ class Trainer:
         if self.step >= cfg.max_iters:
             self.finish(result.evals[-1])
         return result
+
+    def _skip_or_stop(self, bad: NonFiniteStep, bar, buffers: list | None) -> None:
+        step = self.step + 1
+        if not self.skip_nonfinite:
+            bar.close()
+            kept = (f"the last good checkpoint in {self.model_dir} (step {self.saved_step}) is "
+                    "kept" if self.saved_step is not None else "no checkpoint was saved yet")
+            raise UserError(f"step {step} gave a non-finite {bad}; stopped before updating the "
+                            f"weights, {kept}; lower --lr and --resume, or pass --skip_nonfinite "
+                            "to skip such steps")
+        for buffer, before in zip(self.model.buffers(), buffers):
+            buffer.copy_(before)
+        self.skipped_steps += 1
+        bar.write(f"step {step}: non-finite {bad}; update skipped ({self.skipped_steps} "
+                  "skipped so far)", file=self.out)
 
     def finish(self, last_eval: dict) -> None:
         """The card's end-of-training outputs: chart, sample.txt, routing_log.json."""

@@ -1,0 +1,363 @@
+"""Bad and hostile input: one line naming the problem and the fix, exit code 2, no
+traceback, nothing written. Most cases call himoe.cli.main in-process (fast); one runs the
+real command to check the process as a whole."""
+
+import errno
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from himoe import checkpoint
+from himoe.cli import main
+from himoe.training.trainer import Trainer
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "the quick brown fox jumps over the lazy dog; then it sleeps.\n" * 12  # 732 chars
+SMALL = ["--n_embd", "16", "--n_head", "2", "--n_layer", "2", "--block_size", "16",
+         "--num_moes", "2", "--num_experts", "2", "--batch_size", "2", "--eval_iters", "1",
+         "--sample_tokens", "8", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster on a busy machine where
+    two threads wait on each other at every small op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def himoe(argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `himoe ARGV`, run in this process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors exit from inside the parser
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def tree(root: Path) -> dict:
+    """Every file and directory under root (hidden ones too), with size and mtime."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny trained model directory (2 steps) and its corpus; tests work on copies."""
+    root = tmp_path_factory.mktemp("trained")
+    (root / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    cfg = tiny_config(n_embd=16, n_layer=2, block_size=16, num_moes=2, num_experts=2,
+                      batch_size=2, max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=8,
+                      data_file=str(root / "corpus.txt"), model_dir=str(root / "model"))
+    Trainer(cfg, out=io.StringIO()).train()
+    return root
+
+
+@pytest.fixture
+def work(trained, tmp_path, monkeypatch) -> Path:
+    """tmp_path as the working directory, holding corpus.txt and a copy of the model."""
+    shutil.copy(trained / "corpus.txt", tmp_path / "corpus.txt")
+    shutil.copytree(trained / "model", tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --- each case: setup(work dir, monkeypatch) -> argv, and the text the error must hold ---
+
+def write(name, data):
+    def setup(w, mp):
+        path = w / name
+        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+        return ["train", *SMALL, "--data_file", path, "--model_dir", w / "new"]
+    return setup
+
+
+def train_flags(*flags):
+    return lambda w, mp: ["train", *SMALL, "--data_file", w / "corpus.txt",
+                          "--model_dir", w / "new", *flags]
+
+
+def generate_flags(*flags):
+    return lambda w, mp: ["generate", "--model_dir", w / "model", "--max_new_tokens", "4",
+                          *flags]
+
+
+def broken_model(change, command="generate"):
+    def setup(w, mp):
+        change(w / "model")
+        if command == "generate":
+            return ["generate", "--model_dir", w / "model", "--max_new_tokens", "4"]
+        return ["train", "--resume", "--max_iters", "4", "--model_dir", w / "model"]
+    return setup
+
+
+def remove(rel):
+    return lambda m: (m / rel).unlink()
+
+
+def replace_pt(rel, obj):
+    return lambda m: torch.save(obj, m / rel)
+
+
+def edit_config(edit):
+    def change(m):
+        meta = json.loads((m / "config.json").read_text())
+        edit(meta)
+        (m / "config.json").write_text(json.dumps(meta))
+    return change
+
+
+def truncate(rel):
+    def change(m):
+        data = (m / rel).read_bytes()
+        (m / rel).write_bytes(data[: len(data) // 2])
+    return change
+
+
+def not_writable(w, mp):
+    mp.setattr(os, "access", lambda *a, **k: False)  # tests run as root: pretend
+    return ["train", *SMALL, "--data_file", w / "corpus.txt", "--model_dir", w / "new"]
+
+
+def under_a_file(w, mp):
+    (w / "plain").write_text("x")
+    return ["train", *SMALL, "--data_file", w / "corpus.txt", "--model_dir", w / "plain/run"]
+
+
+def model_dir_is_file(command):
+    def setup(w, mp):
+        (w / "file").write_text("x")
+        if command == "generate":
+            return ["generate", "--model_dir", w / "file"]
+        return ["train", *SMALL, "--data_file", w / "corpus.txt", "--model_dir", w / "file"]
+    return setup
+
+
+def resume_on_new_characters(w, mp):
+    (w / "upper.txt").write_text(TEXT.upper())
+    return ["train", "--resume", "--max_iters", "4", "--model_dir", w / "model",
+            "--data_file", w / "upper.txt"]
+
+
+EXPERT = "layer_01_moe_expert_002/model_001.pt"
+CASES = {
+    # corpus
+    "corpus missing": (train_flags("--data_file", "/nonexistent/c.txt"), "does not exist"),
+    "corpus is a directory": (lambda w, mp: train_flags("--data_file", w)(w, mp),
+                              "is a directory"),
+    "corpus empty": (write("empty.txt", ""), "is empty"),
+    "corpus only blanks": (write("blank.txt", " \n\n\t"), "is empty"),
+    "corpus binary": (write("bin.txt", b"ab\x00\x01\x02" * 200), "looks binary"),
+    "corpus not UTF-8": (write("latin1.txt", "caf\u00e9 ".encode("latin-1") * 300),
+                         "not valid UTF-8"),
+    "corpus shorter than block_size+1": (write("short.txt", "abcdef"), "too short"),
+    "validation split too short": (write("short_val.txt", "abcdefghij" * 10), "too short"),
+    # model directory, read by generate and by train --resume
+    "model file missing": (broken_model(remove(EXPERT)), "is missing"),
+    "model file missing (resume)": (broken_model(remove(EXPERT), "train"), "is missing"),
+    "train_state.pt missing": (broken_model(remove("train_state.pt"), "train"),
+                               "cannot resume exactly"),
+    "backbone of the wrong shape": (broken_model(replace_pt("backbone.pt", {
+        "tok_emb.weight": torch.zeros(3, 5)})), "has shape"),
+    "expert of the wrong shape": (broken_model(replace_pt(EXPERT, {
+        "fc1.weight": torch.zeros(8, 16), "fc1.bias": torch.zeros(8),
+        "fc2.weight": torch.zeros(16, 8), "fc2.bias": torch.zeros(16)})), "different shapes"),
+    "router of the wrong shape": (broken_model(replace_pt(
+        "layer_01_moe_expert_001/router.pt", {"weight": torch.zeros(5, 16)})), "do not match"),
+    "weight file that is a bare tensor": (broken_model(replace_pt(EXPERT, torch.zeros(3))),
+                                          "state_dict of tensors"),
+    "truncated weight file": (broken_model(truncate("backbone.pt")), "cannot load"),
+    "config.json not JSON": (broken_model(lambda m: (m / "config.json").write_text("{oops")),
+                             "is broken"),
+    "config.json wrong type": (broken_model(edit_config(
+        lambda meta: meta["config"].update(n_embd="wide"))), "is broken"),
+    "config.json impossible value": (broken_model(edit_config(
+        lambda meta: meta["config"].update(n_head=3))), "not divisible"),
+    "config.json vocab mismatch": (broken_model(edit_config(
+        lambda meta: meta["vocab"].pop())), "does not match"),
+    "config.json missing": (broken_model(remove("config.json")), "config.json is missing"),
+    "config.json broken (resume)": (broken_model(
+        lambda m: (m / "config.json").write_text("[]"), "train"), "is broken"),
+    "model_dir is a file (generate)": (model_dir_is_file("generate"), "is a file"),
+    "model_dir does not exist": (generate_flags("--model_dir", "/nonexistent/m"),
+                                 "does not exist"),
+    # prompt
+    "prompt outside the vocabulary": (generate_flags("--prompt", "HAMLET: caf\u00e9"),
+                                      "':', 'A', 'E', 'H', 'L', 'M', 'T', '\u00e9'"),
+    # impossible training flags
+    "n_embd zero": (train_flags("--n_embd", "0"), "positive"),
+    "n_layer negative": (train_flags("--n_layer", "-1"), "positive"),
+    "block_size zero": (train_flags("--block_size", "0"), "positive"),
+    "batch_size negative": (train_flags("--batch_size", "-4"), "positive"),
+    "max_iters zero": (train_flags("--max_iters", "0"), "positive"),
+    "eval_interval zero": (train_flags("--eval_interval", "0"), "positive"),
+    "num_experts zero": (train_flags("--num_experts", "0"), "positive"),
+    "n_embd not divisible by n_head": (train_flags("--n_embd", "30", "--n_head", "4"),
+                                       "not divisible"),
+    "top_k_experts above num_experts": (train_flags("--top_k_experts", "3"), "larger than"),
+    "top_k_groups above num_moes": (train_flags("--top_k_groups", "3"), "larger than"),
+    "lr not a number": (train_flags("--lr", "fast"), "--lr needs a float"),
+    "lr nan": (train_flags("--lr", "nan"), "finite"),
+    "lr negative": (train_flags("--lr", "-0.001"), "non-negative"),
+    "lr zero": (train_flags("--lr", "0"), "greater than 0"),
+    "dropout negative": (train_flags("--dropout", "-0.1"), "non-negative"),
+    "dropout one": (train_flags("--dropout", "1"), "below 1"),
+    "size not an integer": (train_flags("--n_embd", "3.5"), "--n_embd needs a int"),
+    "bool not a bool": (train_flags("--compile", "maybe"), "true or false"),
+    "unknown router": (train_flags("--router", "magic"), "invalid choice"),
+    "unknown flag": (train_flags("--no_such_flag", "4"), "unrecognized"),
+    "resume changes the model shape": (lambda w, mp: ["train", "--resume", "--n_embd", "32",
+                                                      "--model_dir", w / "model"], "differs"),
+    "resume past max_iters": (lambda w, mp: ["train", "--resume", "--max_iters", "2",
+                                             "--model_dir", w / "model"], "already at step"),
+    "resume on a corpus with new characters": (resume_on_new_characters, "does not know"),
+    # impossible generation flags
+    "max_new_tokens negative": (generate_flags("--max_new_tokens", "-1"), ">= 0"),
+    "num_samples zero": (generate_flags("--num_samples", "0"), ">= 1"),
+    "temperature negative": (generate_flags("--temperature", "-1"), "--temperature"),
+    "temperature nan": (generate_flags("--temperature", "nan"), "--temperature"),
+    "top_k zero": (generate_flags("--top_k", "0"), "--top_k must be >= 1"),
+    "top_p zero": (generate_flags("--top_p", "0"), "--top_p must be in (0, 1]"),
+    "top_p above one": (generate_flags("--top_p", "1.5"), "--top_p must be in (0, 1]"),
+    # where the model goes
+    "model_dir is a file (train)": (model_dir_is_file("train"), "is a file"),
+    "model_dir under a file": (under_a_file, "cannot be created"),
+    "model_dir not writable": (not_writable, "not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, work, capsys, monkeypatch):
+    setup, needle = CASES[case]
+    argv = setup(work, monkeypatch)
+    before = tree(work)
+    code, out, err = himoe(argv, capsys)
+    assert_one_line_error(code, err, needle)
+    assert tree(work) == before  # no directory created, no file touched
+
+
+def test_unknown_prompt_characters_can_be_skipped(work, capsys):
+    code, out, err = himoe(["generate", "--model_dir", work / "model", "--prompt", "Hi the",
+                            "--max_new_tokens", "5", "--unknown", "skip"], capsys)
+    assert code == 0, err
+    assert err.strip() == "himoe: dropped prompt characters outside the vocabulary: 'H'"
+    assert out.startswith("i the") and len(out.rstrip("\n")) == 5 + 5
+
+
+# --- no code from files ---
+
+class RunsCode:
+    """Unpickling this calls exec(), which writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def plant(path: Path, marker: Path, raw: bool) -> None:
+    payload = {"weight": RunsCode(marker)}
+    if raw:  # a bare pickle stream
+        path.write_bytes(pickle.dumps(payload))
+    else:  # the zip container torch.save writes
+        torch.save(payload, path)
+
+
+def test_the_payload_really_runs_code_when_unpickled(tmp_path):
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(RunsCode(marker)))
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("target", ["backbone.pt", "train_state.pt"])
+@pytest.mark.parametrize("raw", [False, True], ids=["torch.save", "pickle"])
+@pytest.mark.parametrize("command", ["generate", "train --resume", "verify"])
+def test_a_pickle_that_runs_code_is_refused(command, raw, target, work, capsys):
+    marker = work / "marker"
+    plant(work / "model" / target, marker, raw)
+    if command == "generate":
+        argv = ["generate", "--model_dir", work / "model", "--max_new_tokens", "2"]
+    elif command == "verify":
+        argv = ["verify", "--model_dir", work / "model"]
+    else:
+        argv = ["train", "--resume", "--max_iters", "4", "--model_dir", work / "model"]
+    code, out, err = himoe(argv, capsys)
+    assert not marker.exists()
+    if command == "generate" and target == "train_state.pt":
+        assert code == 0  # generate never opens train_state.pt
+        return
+    lines = [line for line in err.strip().splitlines() if "refused to load" in line]
+    assert code == 2 and "Traceback" not in err
+    assert len(lines) == 1 and target in lines[0] and "could run code" in lines[0], err
+    if command != "verify":
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_pickle_that_runs_code_is_refused_by_the_real_command(work):
+    marker = work / "marker"
+    plant(work / "model" / "backbone.pt", marker, raw=False)
+    r = subprocess.run([sys.executable, "-m", "himoe", "generate", "--model_dir",
+                        str(work / "model")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "refused to load" in r.stderr
+    assert not marker.exists()
+
+
+# --- a full disk during a save ---
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(work, capsys, monkeypatch):
+    model_dir = work / "run"
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if (model_dir / "manifest.json").exists():  # the first save went through
+            f.write(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, out, err = himoe(["train", *SMALL, "--max_iters", "4", "--eval_interval", "2",
+                            "--data_file", work / "corpus.txt", "--model_dir", model_dir],
+                           capsys)
+    errors = [line for line in err.splitlines() if line.startswith("himoe:")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and "No space left on device" in errors[0], err
+    assert "step 2 is kept" in errors[0]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert himoe(["verify", "--model_dir", model_dir], capsys)[0] == 0
+    assert checkpoint.read_config(model_dir)[2] == 2
+    assert not (model_dir / ".himoe-save").exists()
+
+
+def test_a_full_disk_at_the_first_save_leaves_nothing(work, capsys, monkeypatch):
+    def save(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save)
+    code, out, err = himoe(["train", *SMALL, "--max_iters", "2", "--eval_interval", "2",
+                            "--data_file", work / "corpus.txt", "--model_dir", work / "run"],
+                           capsys)
+    errors = [line for line in err.splitlines() if line.startswith("himoe:")]
+    assert code == 2 and len(errors) == 1 and "no earlier save exists" in errors[0], err
+    assert not (work / "run").exists()
