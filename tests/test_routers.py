@@ -140,3 +140,13 @@ def test_every_preset_trains_a_step_with_the_cards_active_parameters(name):
     _, loss = model(idx, idx)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_the_two_stage_schedule_is_stated():
+    from himoe.training.trainer import routing_schedule
+
+    cfg = dataclasses.replace(HiMoEConfig(), **preset_values("hi-moe", {}))
+    text = routing_schedule(cfg)
+    assert "stage 1" in text and "logit-EMA" in text
+    assert "R_intra 0.1, ramped in over steps 0-100" in text and "Switch 0.01" in text
+    assert routing_schedule(HiMoEConfig()) == ""  # the card: nothing to state

@@ -90,6 +90,28 @@ class NonFiniteStep(Exception):
         self.loss, self.grad_norm = loss, grad_norm
 
 
+def routing_schedule(cfg: HiMoEConfig) -> str:
+    """Which balancing acts when, in the Hi-MoE paper's two stages: stage 1 at routing time
+    (selection-side corrections), stage 2 in the loss (R_intra ramped in last)."""
+    stage1 = []
+    if cfg.router == "grouped":
+        stage1 += [f"logit-EMA bias correction (tau {cfg.bias_tau}, beta {cfg.ema_beta})",
+                   "equal traffic per group (top-k inside every group)"]
+    if cfg.bias_update_rate:
+        stage1.append(f"loss-free selection bias (u {cfg.bias_update_rate})")
+    if cfg.capacity_factor:
+        stage1.append(f"capacity factor {cfg.capacity_factor}")
+    stage2 = [f"{name} {coef}" for name, coef in (("Switch", cfg.switch_coef),
+              ("z-loss", cfg.z_coef), ("R_inter", cfg.inter_coef)) if coef]
+    if cfg.intra_coef:
+        ramp = f", ramped in over steps 0-{cfg.intra_warmup}" if cfg.intra_warmup else ""
+        stage2.append(f"R_intra {cfg.intra_coef}{ramp}")
+    if not stage1 and not stage2:
+        return ""
+    return (f"routing stage 1 (selection): {'; '.join(stage1) or 'none'}\n"
+            f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}")
+
+
 def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None) -> torch.Tensor:
     """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
     balancing update. `himoe bench` times exactly this function, so its figures are those
@@ -195,6 +217,9 @@ class Trainer:
                     f"{str(self.dtype).removeprefix('torch.')}")
         self._print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per "
                     f"token ({active / total:.1%})")
+        schedule = routing_schedule(cfg)
+        if schedule:
+            self._print(schedule)
 
     def _print(self, msg: str) -> None:
         print(msg, file=self.out, flush=True)
