@@ -121,7 +121,7 @@ def claims(summary: dict) -> list[str]:
     card, dense = summary.get("himoe-card"), summary.get("dense")
     if card and dense:
         lines.append(f"- The card's routing without a balancing loss: CV {card['cv']:.3f}, "
-                     f"{card['dead']:.1f} dead experts on average; validation loss "
+                     f"{card['dead']:.0f} dead experts (summed over layers); validation loss "
                      f"{card['val_loss']:.3f} vs dense-equivalent {dense['val_loss']:.3f}.")
     return lines
 
@@ -180,7 +180,9 @@ def report(summary: dict, shape: dict, corpus: str, command: str, pngs: list[str
     return "\n".join([
         "# Routing study", "",
         f"Every preset trained with the same data split and number of steps, and the same active "
-        f"parameters per token ({seeds} seeds each; means, with [min, max] over seeds). "
+        f"parameters per token ({seeds} seed{'s' if seeds > 1 else ''} each; means, with "
+        "[min, max] over seeds). Training tokens/s are from the training log and depend on "
+        "what else the machine was doing. "
         "Figures are at the last evaluation; CV, MaxVio and dead experts are per layer, "
         "averaged over layers (dead experts: summed).", "",
         *rows, "", "## The paper's claims, as measured", "", *claims(summary), "",
