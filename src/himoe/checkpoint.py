@@ -28,6 +28,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ from himoe import atomic_dir
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.quantize import dequantize_state
 
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -171,8 +173,9 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
         w1, b1, w2, b2 = [], [], [], []
         for g in range(cfg.num_moes):
             for j in range(M):
-                sd = load_weight_file(model_dir / expert_file(cfg, layer, g, j))
                 name = expert_file(cfg, layer, g, j)
+                # An int8 expert (himoe experts quantize) loads as fp32 weights.
+                sd = dequantize_state(load_weight_file(model_dir / name), name)
                 w1.append(_pick(sd, "fc1.weight", name).t())
                 b1.append(_pick(sd, "fc1.bias", name))
                 w2.append(_pick(sd, "fc2.weight", name).t())
@@ -268,13 +271,24 @@ def _bytes_writer(data: bytes):
     return lambda f: f.write(data)
 
 
+def copy_writer(path: Path):
+    """Writes the bytes of an existing file, streamed: a file kept exactly as it is."""
+    def write(f):
+        with open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+    return write
+
+
 def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
-               extra: dict[str, object] | None = None) -> None:
+               extra: dict[str, object] | None = None, keep: tuple[str, ...] = ()) -> None:
     """One atomic save of the weight files, `extra` ({name: object}: str or bytes are written
     as they are, anything else with torch.save; e.g. train_state.pt) and config.json: either
-    all of them replace the previous save or none does. manifest.json records the set."""
+    all of them replace the previous save or none does. manifest.json records the set.
+    keep: weight files copied byte for byte from model_dir instead of written from `model`
+    (those --train_only leaves untouched; a quantised expert stays int8)."""
     model_dir = Path(model_dir)
     writers = {name: _torch_writer(sd) for name, sd in to_files(model).items()}
+    writers.update({name: copy_writer(model_dir / name) for name in keep})
     for name, obj in (extra or {}).items():
         if isinstance(obj, str):
             obj = obj.encode("utf-8")

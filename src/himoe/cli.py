@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
     from himoe.training.trainer import Trainer
 
     cfg = config_from_args(args, args.resume)
-    Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite).train()
+    Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite,
+            train_only=args.train_only).train()
     return 0
 
 
@@ -215,6 +216,10 @@ def build_parser() -> Parser:
     train.add_argument("--skip_nonfinite", "--skip-nonfinite", action="store_true",
                        help="skip a step whose loss or gradient norm is not finite (no update, "
                             "counted and logged) instead of stopping the run")
+    train.add_argument("--train_only", "--train-only", default=None, metavar="SPEC",
+                       help="with --resume: train only these parts, e.g. layer1.group3,"
+                            "layer2.router,layer1.group3.expert2 (README: Working with single "
+                            "experts); every other weight file stays byte for byte")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a saved model")
@@ -245,6 +250,11 @@ def build_parser() -> Parser:
                            help="speed and memory against the baselines (source checkout; "
                                 "`himoe bench --help` for its flags)")
     bench.set_defaults(func=cmd_bench)
+
+    from himoe import analyze_cli, chat, experts_cli  # own modules, one per command
+    experts_cli.add_parser(sub)
+    analyze_cli.add_parser(sub)
+    chat.add_parser(sub)
     return parser
 
 

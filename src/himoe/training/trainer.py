@@ -24,8 +24,10 @@ from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train_val
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.specs import spec_files
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
+from himoe.training.freeze import Freezer
 from himoe.training.optim import build_optimizer, clip_grad_norm, lr_at
 
 
@@ -167,8 +169,13 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
 
 class Trainer:
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, train_only: str | None = None):
         self.out = out if out is not None else sys.stdout  # the stdout of now, not of import
+        # train_only: a SPEC (himoe.specs); only those weight files train, the rest stay exact.
+        if train_only is not None and not resume:
+            raise UserError("--train_only fine-tunes parts of a saved model; add --resume "
+                            "(and a larger --max_iters)")
+        self.freezer: Freezer | None = None
         self.model_dir = Path(cfg.model_dir)
         # skip_nonfinite: a step with a non-finite loss or gradient norm is skipped (no
         # update, counted) instead of stopping the run.
@@ -210,6 +217,9 @@ class Trainer:
         if resume:
             self._restore_train_state()
         self.saved_step = self.step if resume else None
+        if train_only is not None:
+            self.freezer = Freezer(self.model, set(spec_files(train_only, cfg, "--train_only")))
+            self._print(self.freezer.summary())
         total, active = self.model.parameter_counts()
         self.active_params, self.peak_flops = active, peak_flops(self.device)
         self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
@@ -253,7 +263,8 @@ class Trainer:
         try:
             checkpoint.save_model(self.model, self.tokenizer.chars, self.step, self.model_dir,
                                   extra={checkpoint.TRAIN_STATE_FILE: self._train_state(),
-                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines)})
+                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines)},
+                                  keep=self.freezer.frozen_files if self.freezer else ())
         except BaseException:
             if getattr(self, "bar", None) is not None:
                 self.bar.close()  # so that the error starts on a line of its own
@@ -294,6 +305,8 @@ class Trainer:
                 for name, value in model.aux_losses().items():
                     window_aux[name] = window_aux.get(name, 0.0) + value
                 window_losses.append(loss_value)
+            if self.freezer is not None:  # AdamW may have moved frozen rows: put them back
+                self.freezer.after_step()
             step_time += time.perf_counter() - t0
             self.step += 1
             window_steps += 1

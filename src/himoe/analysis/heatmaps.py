@@ -1,0 +1,44 @@
+"""PNG heatmaps of routing by domain (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from himoe.errors import UserError
+
+
+def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) -> list[Path]:
+    """One PNG per layer: rows are domains, columns experts (labelled group.expert), each cell
+    the share of the domain's assignments that went to the expert. Lines mark the groups."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("the heatmaps need matplotlib: pip install matplotlib (or "
+                        "'himoe[plot]'), or pass --no_plots") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for fig_layer in layers:
+        names = list(fig_layer["expert_share"])
+        share_DE = [fig_layer["expert_share"][n] for n in names]
+        E = len(share_DE[0])
+        size = (max(5.0, 0.28 * E + 2.5), max(2.5, 0.45 * len(names) + 1.5))
+        fig, ax = plt.subplots(figsize=size)
+        image = ax.imshow(share_DE, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xticks(range(E), [f"{e // num_experts + 1}.{e % num_experts + 1}"
+                                 for e in range(E)], rotation=90, fontsize=7)
+        for g in range(1, E // num_experts):
+            ax.axvline(g * num_experts - 0.5, color="white", linewidth=1)
+        nmi = fig_layer["nmi_expert"]
+        ax.set_title(f"layer {fig_layer['layer']}: share of each domain's tokens per expert "
+                     f"(NMI {'n/a' if nmi is None else f'{nmi:.3f}'})", fontsize=9)
+        ax.set_xlabel("expert (group.expert)")
+        fig.colorbar(image, ax=ax, label="share of the domain")
+        fig.tight_layout()
+        path = Path(out_dir) / f"layer_{fig_layer['layer']:02d}_domain_expert.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

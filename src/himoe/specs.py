@@ -1,0 +1,119 @@
+"""SPEC: names parts of a saved model with the 1-based numbers of its file names.
+
+    backbone                 embeddings, attention, LayerNorms (backbone.pt)
+    layerL                   MoE layer L: its routers and all its experts
+    layerL.router            its level-1 router ([layer_LL_]main_router.pt)
+    layerL.groupG            group G of layer L: its level-2 router and its experts
+    layerL.groupG.router     group G's level-2 router (moe_expert_00G/router.pt); hierarchical
+                             router only, the others have one router file per layer
+    layerL.groupG.expertJ    expert J of group G (moe_expert_00G/model_00J.pt)
+
+Several parts are separated by commas. Each part is a set of weight files, so every command
+that takes a SPEC works on files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from himoe import checkpoint
+from himoe.config import HiMoEConfig
+from himoe.errors import UserError
+
+PATTERN = re.compile(r"layer(\d+)(?:\.group(\d+))?(?:\.(router|expert(\d+)))?")
+EXAMPLES = "e.g. layer1.group2.expert3, layer1.group2.router, layer1.router, layer1 or backbone"
+
+
+@dataclass(frozen=True)
+class Part:
+    layer: int | None  # 0-based; None: the backbone
+    group: int | None = None  # 0-based
+    expert: int | None = None  # 0-based, inside the group
+    router: bool = False
+
+
+def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
+    text = text.strip()
+    if text == "backbone":
+        return Part(None)
+    m = PATTERN.fullmatch(text)
+    if m is None:
+        raise UserError(f"{flag} {text!r} is not a SPEC; name a part as {EXAMPLES}")
+    if cfg.router == "dense":
+        raise UserError(f"{flag} {text!r}: this model is dense (no experts or routers); only "
+                        "'backbone' names a part of it")
+    layer, group, kind, expert = m.groups()
+    limits = (f"this model has layers 1-{cfg.n_layer}, groups 1-{cfg.num_moes} and experts "
+              f"1-{cfg.num_experts}")
+    for name, value, top in (("layer", layer, cfg.n_layer), ("group", group, cfg.num_moes),
+                             ("expert", expert, cfg.num_experts)):
+        if value is not None and not 1 <= int(value) <= top:
+            raise UserError(f"{flag} {text!r}: there is no {name} {int(value)}; {limits}")
+    if kind and kind.startswith("expert") and group is None:
+        raise UserError(f"{flag} {text!r}: an expert is named by its group, e.g. "
+                        f"layer{layer}.group1.{kind}")
+    if kind == "router" and group is not None and cfg.router != "hierarchical":
+        raise UserError(f"{flag} {text!r}: the {cfg.router} router has one router file per "
+                        f"layer; name it layer{layer}.router")
+    return Part(int(layer) - 1, None if group is None else int(group) - 1,
+                None if expert is None else int(expert) - 1, kind == "router")
+
+
+def parse_spec(text: str, cfg: HiMoEConfig, flag: str) -> list[Part]:
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise UserError(f"{flag} is empty; name at least one part, {EXAMPLES}")
+    return [parse_part(p, cfg, flag) for p in parts]
+
+
+def part_files(part: Part, cfg: HiMoEConfig) -> list[str]:
+    """The weight files (relative paths) that make up `part`."""
+    if part.layer is None:
+        return ["backbone.pt"]
+    L, hier = part.layer, cfg.router == "hierarchical"
+    if part.expert is not None:
+        return [checkpoint.expert_file(cfg, L, part.group, part.expert)]
+    if part.router:
+        if part.group is None:
+            return [checkpoint.main_router_file(cfg, L)]
+        return [checkpoint.group_router_file(cfg, L, part.group)]
+    groups = range(cfg.num_moes) if part.group is None else [part.group]
+    files = [checkpoint.main_router_file(cfg, L)] if part.group is None else []
+    for g in groups:
+        if hier:
+            files.append(checkpoint.group_router_file(cfg, L, g))
+        files += [checkpoint.expert_file(cfg, L, g, j) for j in range(cfg.num_experts)]
+    return files
+
+
+def spec_files(text: str, cfg: HiMoEConfig, flag: str) -> list[str]:
+    """The files a comma-separated SPEC names, in order, each once."""
+    files: dict[str, None] = {}
+    for part in parse_spec(text, cfg, flag):
+        files.update(dict.fromkeys(part_files(part, cfg)))
+    return list(files)
+
+
+def weight_files(cfg: HiMoEConfig) -> list[str]:
+    """Every weight file of a model with this configuration."""
+    files = ["backbone.pt"]
+    if cfg.router != "dense":
+        for layer in range(cfg.n_layer):
+            files += part_files(Part(layer), cfg)
+    return files
+
+
+def describe_file(rel: str, cfg: HiMoEConfig) -> tuple[int | None, int | None, int | None]:
+    """(layer, group, expert), 1-based, of a weight file; None where it does not apply (a
+    router has no expert number, a layer router no group)."""
+    for layer in range(cfg.n_layer):
+        if rel == checkpoint.main_router_file(cfg, layer):
+            return layer + 1, None, None
+        for g in range(cfg.num_moes):
+            if rel == checkpoint.group_router_file(cfg, layer, g):
+                return layer + 1, g + 1, None
+            for j in range(cfg.num_experts):
+                if rel == checkpoint.expert_file(cfg, layer, g, j):
+                    return layer + 1, g + 1, j + 1
+    return None, None, None

@@ -1,0 +1,94 @@
+"""--train_only SPEC: train the named weight files of a model, keep every other one exactly.
+
+The experts of a layer are one stacked tensor (w1_EDF, ...) and the level-2 routers one
+[N, M, D] tensor, so a file is often a slice of a parameter. A parameter with nothing to
+train gets requires_grad False (AdamW then skips it: no update, no weight decay). A
+parameter with some rows to train keeps its gradient, with a hook that zeroes the frozen
+rows (so they do not count towards gradient clipping). AdamW's moments and weight decay
+would still move those rows, so after every optimiser step they are put back from a copy
+taken at the start: exact, whatever the optimiser does. Router buffers that change in
+training (loss-free balancing biases, a logit EMA) are put back the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from himoe import checkpoint
+from himoe.config import HiMoEConfig
+from himoe.model import HiMoEModel
+from himoe.specs import weight_files
+
+MOE_KEY = re.compile(r"blocks\.(\d+)\.ffn\.(router|experts)\.(\w+)")
+
+
+def owner_files(cfg: HiMoEConfig, key: str) -> str | list[str]:
+    """The weight file that holds state_dict entry `key`: one name for a whole tensor, or
+    one per row (dim 0) for tensors stacked over experts or groups."""
+    m = MOE_KEY.fullmatch(key)
+    if m is None or cfg.router == "dense":
+        return "backbone.pt"
+    layer, part, name = int(m[1]), m[2], m[3]
+    M = cfg.num_experts
+    if part == "experts":
+        return [checkpoint.expert_file(cfg, layer, e // M, e % M)
+                for e in range(cfg.total_experts)]
+    if cfg.router == "hierarchical" and name == "group_weight_NMD":
+        return [checkpoint.group_router_file(cfg, layer, g) for g in range(cfg.num_moes)]
+    if cfg.router == "hierarchical" and name == "expert_bias_E":  # saved with group routers
+        return [checkpoint.group_router_file(cfg, layer, e // M)
+                for e in range(cfg.total_experts)]
+    return checkpoint.main_router_file(cfg, layer)
+
+
+class Freezer:
+    def __init__(self, model: HiMoEModel, train_files: set[str]):
+        cfg = model.cfg
+        self.train_files = [f for f in weight_files(cfg) if f in train_files]
+        self.frozen_files = tuple(f for f in weight_files(cfg) if f not in train_files)
+        self._restore: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._hooks = []
+        seen = set()
+        # keep_vars: the Parameters and persistent buffers themselves (the tied LM head once).
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            owners = owner_files(cfg, key)
+            is_param = isinstance(tensor, torch.nn.Parameter)
+            if isinstance(owners, str):
+                if owners in train_files:
+                    continue
+                if is_param:
+                    tensor.requires_grad_(False)
+                else:
+                    self._restore.append((tensor, None, tensor.detach().clone()))
+                continue
+            train_R = torch.tensor([f in train_files for f in owners], device=tensor.device)
+            if bool(train_R.all()):
+                continue
+            if is_param and not bool(train_R.any()):
+                tensor.requires_grad_(False)
+                continue
+            frozen_R = (~train_R).nonzero().flatten()
+            self._restore.append((tensor, frozen_R, tensor.detach()[frozen_R].clone()))
+            if is_param:
+                mask = train_R.view(-1, *[1] * (tensor.dim() - 1)).to(tensor.dtype)
+                self._hooks.append(tensor.register_hook(lambda g, m=mask: g * m))
+
+    def summary(self) -> str:
+        names = ", ".join(self.train_files[:6]) + (" ..." if len(self.train_files) > 6 else "")
+        return (f"training only {len(self.train_files)} of "
+                f"{len(self.train_files) + len(self.frozen_files)} weight files ({names}); "
+                "the others stay exactly as they are")
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Put the frozen rows back: AdamW's moments and weight decay may have moved them."""
+        for tensor, rows_R, saved in self._restore:
+            if rows_R is None:
+                tensor.copy_(saved)
+            else:
+                tensor.index_copy_(0, rows_R, saved)
