@@ -27,15 +27,6 @@ SMALL = ["--n_embd", "16", "--n_head", "2", "--n_layer", "2", "--block_size", "1
          "--sample_tokens", "8", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster on a busy machine where
-    two threads wait on each other at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def himoe(argv, capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `himoe ARGV`, run in this process."""

@@ -27,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGING = atomic_dir.STAGING_DIR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and far faster on a busy machine where
-    two threads wait on each other at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def model_and_dir(tmp_path, seed=0):
     torch.manual_seed(seed)
@@ -189,7 +180,7 @@ def test_verify_reports_each_problem_on_one_line(tmp_path):
 # --- SIGKILL at random moments ---
 
 def start(model_dir: Path, corpus: Path, resume: bool, slow: str | None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # see one_thread()
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny model: one thread, as in conftest.py
     env.pop(atomic_dir.SLOW_SAVE_ENV, None)
     if slow:
         env[atomic_dir.SLOW_SAVE_ENV] = slow

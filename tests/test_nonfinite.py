@@ -15,14 +15,6 @@ from tests.test_bad_input import SMALL, TEXT, himoe
 BAD_STEP = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def poison(monkeypatch, where: str) -> None:
     """Make training step BAD_STEP non-finite: its loss (forward) or its gradient norm."""

@@ -38,6 +38,18 @@ def hi_moe_terms(cfg: HiMoEConfig, probs_TE: torch.Tensor, intra_scale: float) -
     return aux
 
 
+def flat_router_terms(cfg: HiMoEConfig, z_TE: torch.Tensor, p_TE: torch.Tensor,
+                      ids_TK: torch.Tensor, intra_scale: float) -> dict:
+    """Switch, z-loss and the Hi-MoE terms of a router with one softmax over all experts:
+    z_TE its logits, p_TE = softmax(z_TE), ids_TK its choices."""
+    aux = {}
+    if cfg.switch_coef:
+        aux["switch"] = cfg.switch_coef * losses.switch_loss(p_TE, ids_TK)
+    if cfg.z_coef:
+        aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
+    return aux | hi_moe_terms(cfg, p_TE, intra_scale)
+
+
 class HierarchicalRouter(nn.Module):
     """Level 1 picks top_k_groups of N groups; each kept group's own router picks
     top_k_experts of its M experts. Combine weight = p1[g] * p2[g, j], so the language-model
@@ -169,13 +181,7 @@ class GroupedRouter(nn.Module):
         ids_TK = (group_N11 * M + j_TNJ).flatten(1)
         weights_TK = top_TNJ.flatten(1)
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True) * self.expert_scale_E[ids_TK]
-        aux = {}
-        raw_TE = F.softmax(z_TE, -1)
-        if cfg.switch_coef:
-            aux["switch"] = cfg.switch_coef * losses.switch_loss(raw_TE, ids_TK)
-        if cfg.z_coef:
-            aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
-        aux |= hi_moe_terms(cfg, raw_TE, self.intra_scale)
+        aux = flat_router_terms(cfg, z_TE, F.softmax(z_TE, -1), ids_TK, self.intra_scale)
         return Routing(ids_TK, weights_TK, aux, float(losses.entropy(pi_TE.detach()).mean()))
 
 
@@ -208,12 +214,7 @@ class TopKRouter(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         if self.training and cfg.bias_update_rate:
             self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=len(p_TE[0]))
-        aux = {}
-        if cfg.switch_coef:
-            aux["switch"] = cfg.switch_coef * losses.switch_loss(p_TE, ids_TK)
-        if cfg.z_coef:
-            aux["z"] = cfg.z_coef * losses.z_loss(z_TE)
-        aux |= hi_moe_terms(cfg, p_TE, self.intra_scale)
+        aux = flat_router_terms(cfg, z_TE, p_TE, ids_TK, self.intra_scale)
         return Routing(ids_TK, weights_TK, aux, float(losses.entropy(p_TE.detach()).mean()))
 
     @torch.no_grad()
