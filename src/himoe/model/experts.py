@@ -130,7 +130,11 @@ class ExpertBank(nn.Module):
         y_SD = segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
                               counts_E, splits, use_gmm)
         y_SD = y_SD * weights_TK.reshape(-1)[order_S, None]
-        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD.to(x_TD.dtype))
+        # Back to (token, slot) order, then sum over the k slots: a fixed summation order,
+        # unlike index_add_, whose parallel accumulation varies between runs when k > 1.
+        y_SkD = x_TD.new_zeros(ids_TK.numel(), x_TD.shape[1])  # dropped slots stay zero
+        y_SkD[order_S] = y_SD.to(x_TD.dtype)
+        return y_SkD.view(*ids_TK.shape, -1).sum(1)
 
 
 class DenseFFN(nn.Module):
