@@ -150,26 +150,36 @@ def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ) -> torch.Tensor:
     return level1 + (share_N * M * (f_NM * P_NM).sum(-1)).sum()
 
 
-class GroupedRouter(nn.Module):
+class FlatGate(nn.Module):
+    """A gate with one set of logits over all E experts, z = W x in fp32: the base of the
+    grouped, top-k and group-limited routers."""
+
+    def __init__(self, cfg: HiMoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight_ED = nn.Parameter(torch.empty(cfg.total_experts, cfg.n_embd))
+        nn.init.normal_(self.weight_ED, std=0.02)
+        self.intra_scale = 1.0  # set by the trainer for the R_intra warm-up
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.float() @ self.weight_ED.float().t()
+
+
+class GroupedRouter(FlatGate):
     """The Hi-MoE paper's router: one softmax over all E experts with a bias correction from
     an EMA of the logits (training only), the top top_k_experts inside every group (so every
     group gets the same traffic by construction), weights renormalised over the chosen
     experts and multiplied by a learnable per-expert scale."""
 
     def __init__(self, cfg: HiMoEConfig):
-        super().__init__()
-        self.cfg = cfg
-        E = cfg.total_experts
-        self.weight_ED = nn.Parameter(torch.empty(E, cfg.n_embd))
-        nn.init.normal_(self.weight_ED, std=0.02)
-        self.expert_scale_E = nn.Parameter(torch.ones(E))
-        self.register_buffer("logit_ema_E", torch.zeros(E))
-        self.intra_scale = 1.0
+        super().__init__(cfg)
+        self.expert_scale_E = nn.Parameter(torch.ones(cfg.total_experts))
+        self.register_buffer("logit_ema_E", torch.zeros(cfg.total_experts))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
         N, M = cfg.num_moes, cfg.num_experts
-        z_TE = x_TD.float() @ self.weight_ED.float().t()
+        z_TE = self.logits(x_TD)
         if self.training:
             with torch.no_grad():  # updated before use, as in the reference code
                 self.logit_ema_E.mul_(cfg.ema_beta).add_((1 - cfg.ema_beta) * z_TE.mean(0))
@@ -185,35 +195,31 @@ class GroupedRouter(nn.Module):
         return Routing(ids_TK, weights_TK, aux, float(losses.entropy(pi_TE.detach()).mean()))
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(FlatGate):
     """Flat top-k over all E experts (MiniMoE, OLMoE): p = softmax(W x), keep the top k.
     OLMoE keeps the raw probabilities as weights, MiniMoE-style code renormalises them over
     the kept experts: cfg.renormalize. With loss-free balancing (cfg.bias_update_rate > 0)
     the selection is on p + b, the weights on p alone."""
 
     def __init__(self, cfg: HiMoEConfig):
-        super().__init__()
-        self.cfg = cfg
-        E = cfg.total_experts
-        self.weight_ED = nn.Parameter(torch.empty(E, cfg.n_embd))
-        nn.init.normal_(self.weight_ED, std=0.02)
-        self.register_buffer("expert_bias_E", torch.zeros(E))
-        self.register_buffer("expert_counts_E", torch.zeros(E), persistent=False)
-        self.intra_scale = 1.0
+        super().__init__(cfg)
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.total_experts))
+        self.register_buffer("expert_counts_E", torch.zeros(cfg.total_experts),
+                             persistent=False)
 
     def select(self, scores_TE: torch.Tensor) -> torch.Tensor:
         return scores_TE.topk(self.cfg.top_k_experts, dim=-1).indices
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
-        z_TE = x_TD.float() @ self.weight_ED.float().t()
+        z_TE = self.logits(x_TD)
         p_TE = F.softmax(z_TE, -1)
         ids_TK = self.select(p_TE + self.expert_bias_E)
         weights_TK = p_TE.gather(1, ids_TK)
         if cfg.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         if self.training and cfg.bias_update_rate:
-            self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=len(p_TE[0]))
+            self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=cfg.total_experts)
         aux = flat_router_terms(cfg, z_TE, p_TE, ids_TK, self.intra_scale)
         return Routing(ids_TK, weights_TK, aux, float(losses.entropy(p_TE.detach()).mean()))
 
