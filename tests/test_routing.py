@@ -55,7 +55,7 @@ def test_two_level_switch_loss_by_hand():
     level1 = 2 * ((2 / 3) * (1.7 / 3) + (1 / 3) * (1.3 / 3))
     # group 0: tokens 1 and 3, picks [1, 1] -> f = [.5, .5], P = [.55, .45]; group 1: token 2
     level2 = (2 / 3) * 2 * (0.5 * 0.55 + 0.5 * 0.45) + (1 / 3) * 2 * (0 * 0.5 + 1 * 0.5)
-    got = two_level_switch_loss(p1, g, p2, j).item()
+    got = two_level_switch_loss(p1, g, p2, j, torch.tensor([2.0, 2.0])).item()
     assert got == pytest.approx(level1 + level2, rel=1e-6)
 
 

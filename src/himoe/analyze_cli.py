@@ -88,7 +88,7 @@ def build_report(model, cfg, texts, tok, max_tokens: int) -> dict:
             "group_share": dict(zip(names, share(c_DG))),
             "expert_share": dict(zip(names, share(c_DE))),
             "assignments": dict(zip(names, c_DE.sum(-1).tolist())),
-            "balance": load_figures(c_DE.sum(0), N)})
+            "balance": load_figures(c_DE.sum(0), N, cfg.group_sizes(i))})
     return {"nmi_definition": NMI_DEFINITION, "max_tokens_per_domain": max_tokens,
             "domains": domains, "layers": layers}
 
@@ -116,7 +116,7 @@ def format_report(report: dict, num_experts: int) -> str:
         for g, all_share in enumerate(bal["group_share"]):
             rows.append([f"group {g + 1}"] + [f"{fig['group_share'][n][g]:.1%}" for n in names]
                         + [f"{all_share:.1%}"])
-            for j in range(num_experts):
+            for j in range(bal["group_sizes"][g]):
                 e = g * num_experts + j
                 rows.append([f"  expert {g + 1}.{j + 1}"]
                             + [f"{fig['expert_share'][n][e]:.1%}" for n in names]

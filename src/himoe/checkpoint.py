@@ -83,15 +83,16 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     files = {"backbone.pt": backbone}
     M = cfg.num_experts
     for layer in sorted(moe_layers):
+        sizes = cfg.group_sizes(layer)  # in memory every group has M slots, on disk its size
         if cfg.router == "hierarchical":
             main = {"weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
             group_w = state[_moe_key(layer, "router.group_weight_NMD")]
-            groups = [{"weight": group_w[g].clone()} for g in range(cfg.num_moes)]
+            groups = [{"weight": group_w[g, :n].clone()} for g, n in enumerate(sizes)]
             if cfg.bias_update_rate:  # loss-free balancing state, else the card's plain gates
                 main["balance_bias"] = state[_moe_key(layer, "router.group_bias_N")].clone()
                 expert_bias = state[_moe_key(layer, "router.expert_bias_E")].view(cfg.num_moes, M)
                 for g, sd in enumerate(groups):
-                    sd["balance_bias"] = expert_bias[g].clone()
+                    sd["balance_bias"] = expert_bias[g, :sizes[g]].clone()
             files[main_router_file(cfg, layer)] = main
             for g, sd in enumerate(groups):
                 files[group_router_file(cfg, layer, g)] = sd
@@ -104,7 +105,7 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
         w2 = state[_moe_key(layer, "experts.w2_EFD")]
         b2 = state[_moe_key(layer, "experts.b2_ED")]
         for g in range(cfg.num_moes):
-            for j in range(M):
+            for j in range(sizes[g]):
                 e = g * M + j
                 files[expert_file(cfg, layer, g, j)] = {
                     "fc1.weight": w1[e].t().contiguous(), "fc1.bias": b1[e].clone(),
@@ -153,6 +154,7 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
     state["lm_head.weight"] = state.get("tok_emb.weight")
     M = cfg.num_experts
     for layer in moe_layers:
+        sizes = cfg.group_sizes(layer)
         if cfg.router == "hierarchical":
             main = load_weight_file(model_dir / main_router_file(cfg, layer))
             groups = [load_weight_file(model_dir / group_router_file(cfg, layer, g))
@@ -160,19 +162,26 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
             state[_moe_key(layer, "router.main_weight_ND")] = _pick(
                 main, "weight", main_router_file(cfg, layer))
             state[_moe_key(layer, "router.group_weight_NMD")] = torch.stack([
-                _pick(sd, "weight", group_router_file(cfg, layer, g))
+                _pad_rows(_pick(sd, "weight", group_router_file(cfg, layer, g)), sizes[g], M,
+                          group_router_file(cfg, layer, g))
                 for g, sd in enumerate(groups)])
             # A plain gate (e.g. an nn.Linear state_dict swapped in) has no balancing bias.
             state[_moe_key(layer, "router.group_bias_N")] = main.get(
                 "balance_bias", torch.zeros(cfg.num_moes))
             state[_moe_key(layer, "router.expert_bias_E")] = torch.cat([
-                sd.get("balance_bias", torch.zeros(M)) for sd in groups])
+                _pad_rows(sd.get("balance_bias", torch.zeros(sizes[g])), sizes[g], M,
+                          group_router_file(cfg, layer, g))
+                for g, sd in enumerate(groups)])
         else:
             router = load_weight_file(model_dir / main_router_file(cfg, layer))
             state.update({_moe_key(layer, f"router.{k}"): v for k, v in router.items()})
         w1, b1, w2, b2 = [], [], [], []
         for g in range(cfg.num_moes):
             for j in range(M):
+                if j >= sizes[g]:  # an empty slot of a smaller group: zeros, never routed to
+                    for parts in (w1, b1, w2, b2):
+                        parts.append(None)
+                    continue
                 name = expert_file(cfg, layer, g, j)
                 # An int8 expert (himoe experts quantize) loads as fp32 weights.
                 sd = dequantize_state(load_weight_file(model_dir / name), name)
@@ -205,12 +214,23 @@ def _get(model_dir: Path, name: str, key: str) -> torch.Tensor:
     return _pick(load_weight_file(model_dir / name), key, name)
 
 
-def _stack(parts: list[torch.Tensor], model_dir: Path, layer: int) -> torch.Tensor:
-    shapes = {tuple(p.shape) for p in parts}
+def _stack(parts: list[torch.Tensor | None], model_dir: Path, layer: int) -> torch.Tensor:
+    """Stack the experts' tensors; None (an empty slot) becomes zeros of the same shape."""
+    shapes = {tuple(p.shape) for p in parts if p is not None}
     if len(shapes) > 1:
         raise UserError(f"{model_dir}: experts of layer {layer + 1} have different shapes "
                         f"{sorted(shapes)}; every expert of a layer must match")
-    return torch.stack(parts)
+    like = next(p for p in parts if p is not None)
+    return torch.stack([torch.zeros_like(like) if p is None else p for p in parts])
+
+
+def _pad_rows(t: torch.Tensor, n: int, rows: int, name: str) -> torch.Tensor:
+    """A group router's n rows (one per expert) padded with zeros to the `rows` slots every
+    group has in memory."""
+    if t.dim() == 0 or t.shape[0] != n:
+        raise UserError(f"{name} has {t.shape[0] if t.dim() else 0} rows but its group has {n} "
+                        "experts (config.json); restore the router file that matches")
+    return torch.cat([t, t.new_zeros(rows - n, *t.shape[1:])])
 
 
 # --- atomic writes: a crash leaves the old file or the new one, never half of one ---
@@ -293,14 +313,19 @@ def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
         if isinstance(obj, str):
             obj = obj.encode("utf-8")
         writers[name] = _bytes_writer(obj) if isinstance(obj, bytes) else _torch_writer(obj)
-    meta = {"himoe_format": FORMAT_VERSION, "step": step, "vocab": vocab,
-            "config": model.cfg.to_dict()}
-    writers[CONFIG_FILE] = _bytes_writer(json.dumps(meta, indent=2).encode("utf-8"))
+    writers[CONFIG_FILE] = _bytes_writer(config_bytes(model.cfg, vocab, step))
     try:
         note = atomic_dir.save(model_dir, writers, step)
     except OSError as e:
         raise UserError(_save_failure(model_dir, step, e)) from None
     _say(note)
+
+
+def config_bytes(cfg: HiMoEConfig, vocab: list[str], step: int) -> bytes:
+    """config.json: the hyperparameters, the vocabulary and the saved step."""
+    meta = {"himoe_format": FORMAT_VERSION, "step": step, "vocab": vocab,
+            "config": cfg.to_dict()}
+    return json.dumps(meta, indent=2).encode("utf-8")
 
 
 def _save_failure(model_dir: Path, step: int, e: OSError) -> str:

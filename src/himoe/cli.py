@@ -80,7 +80,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     Defaults are suppressed so that we know which flags the user actually gave."""
     defaults = HiMoEConfig()
     for f in dataclasses.fields(HiMoEConfig):
-        if f.name == "vocab_size":
+        if f.name in ("vocab_size", "group_experts"):  # set by the tokenizer, `experts add`
             continue
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = getattr(defaults, f.name)

@@ -50,6 +50,9 @@ class HiMoEConfig:
     renormalize: bool = False  # topk / group_limited: kept weights sum to 1 (MiniMoE)
     bias_update_rate: float = 0.0  # loss-free balancing step u (DeepSeek-V3: 1e-3); 0 = off
     expert_hidden: int = 0  # expert width; 0 means ffn_mult * n_embd
+    # Per layer, the expert count of every group once `himoe experts add` made them differ;
+    # None: every group has num_experts. num_experts is then the largest group.
+    group_experts: list[list[int]] | None = None
     preset: str = ""  # the --preset this configuration started from, if any
     vocab_size: int = 0  # set from the tokenizer
     # --- training (the card's table) ---
@@ -79,6 +82,18 @@ class HiMoEConfig:
     @property
     def total_experts(self) -> int:
         return self.num_moes * self.num_experts
+
+    def group_sizes(self, layer: int) -> list[int]:
+        """How many experts each group of MoE layer `layer` (0-based) has."""
+        if self.group_experts is None:
+            return [self.num_experts] * self.num_moes
+        return list(self.group_experts[layer])
+
+    def real_slots(self, layer: int) -> list[int]:
+        """The flat slots g * num_experts + j that hold an expert. In memory every group has
+        num_experts slots, so ragged groups leave empty slots that routing never picks."""
+        M = self.num_experts
+        return [g * M + j for g, n in enumerate(self.group_sizes(layer)) for j in range(n)]
 
     @property
     def experts_per_token(self) -> int:
@@ -128,12 +143,33 @@ class HiMoEConfig:
             raise UserError("--router_temp must be greater than 0")
         if self.intra_warmup < 0:
             raise UserError(f"--intra_warmup must be >= 0, got {self.intra_warmup}")
+        if self.group_experts is not None:
+            self._validate_group_experts()
         choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of "
                                 f"{', '.join(allowed)}")
         return self
+
+    def _validate_group_experts(self) -> None:
+        sizes = self.group_experts
+        if self.router != "hierarchical":
+            raise UserError(f"group_experts (groups of different sizes) needs the hierarchical "
+                            f"router, not {self.router!r}; restore config.json")
+        if not (isinstance(sizes, list) and len(sizes) == self.n_layer and all(
+                isinstance(row, list) and len(row) == self.num_moes and
+                all(isinstance(n, int) and 1 <= n <= self.num_experts for n in row)
+                for row in sizes)):
+            raise UserError(f"group_experts must list, for each of the {self.n_layer} layers, "
+                            f"the expert count (1-{self.num_experts}) of each of the "
+                            f"{self.num_moes} groups; restore config.json")
+        if max(max(row) for row in sizes) != self.num_experts:
+            raise UserError("num_experts must equal the largest group in group_experts; "
+                            "restore config.json")
+        if self.top_k_experts > min(min(row) for row in sizes):
+            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than the smallest "
+                            "group; use at most its size")
 
     # --- JSON round trip ---
     def to_dict(self) -> dict:
@@ -154,7 +190,7 @@ class HiMoEConfig:
 
 MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
                 "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "router",
-                "vocab_size")
+                "vocab_size", "group_experts")
 
 # Flags whose value only affects this process, never the saved model.
 RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile")

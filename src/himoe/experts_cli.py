@@ -1,4 +1,4 @@
-"""`himoe experts list | swap | quantize`: look at and change single expert and router files.
+"""`himoe experts list | add | swap | quantize`: look at and change single expert and router files.
 
 Heavy imports (torch, the model) happen inside the commands, so that a bad flag is refused
 at once.
@@ -152,10 +152,19 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_add(args) -> int:
+    from himoe.grow import add_expert
+
+    model_dir = Path(args.model_dir)
+    print(add_expert(model_dir, args.layer, args.group, args.init, args.seed))
+    print(_verified(model_dir))
+    return 0
+
+
 def add_parser(sub) -> None:
     experts = sub.add_parser("experts", help="list, swap or quantise single experts and routers")
     inner = experts.add_subparsers(dest="experts_command", required=True,
-                                   metavar="{list,swap,quantize}", parser_class=type(experts))
+                                   metavar="{list,add,swap,quantize}", parser_class=type(experts))
 
     def common(p, data=True):
         p.add_argument("--model_dir", "--model-dir", default="model")
@@ -169,6 +178,17 @@ def add_parser(sub) -> None:
                                        "validation tokens")
     common(ls)
     ls.set_defaults(func=cmd_list)
+
+    ad = inner.add_parser("add", help="add an expert to one group: its next model_00K.pt, a "
+                                      "wider group router, config.json")
+    ad.add_argument("--model_dir", "--model-dir", default="model")
+    ad.add_argument("--layer", type=int, required=True, help="MoE layer, 1-based")
+    ad.add_argument("--group", type=int, required=True, help="group (MoE block), 1-based")
+    ad.add_argument("--init", default="random",
+                    help="random (as at initialisation) or copy:J, a copy of expert J of the "
+                         "same group, router row included (default: random)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    ad.set_defaults(func=cmd_add)
 
     sw = inner.add_parser("swap", help="replace one expert or router file with the same file "
                                        "of another model")

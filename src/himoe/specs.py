@@ -53,6 +53,9 @@ def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
     if kind and kind.startswith("expert") and group is None:
         raise UserError(f"{flag} {text!r}: an expert is named by its group, e.g. "
                         f"layer{layer}.group1.{kind}")
+    if expert is not None and int(expert) > cfg.group_sizes(int(layer) - 1)[int(group) - 1]:
+        raise UserError(f"{flag} {text!r}: group {group} of layer {layer} has experts "
+                        f"1-{cfg.group_sizes(int(layer) - 1)[int(group) - 1]}")
     if kind == "router" and group is not None and cfg.router != "hierarchical":
         raise UserError(f"{flag} {text!r}: the {cfg.router} router has one router file per "
                         f"layer; name it layer{layer}.router")
@@ -83,7 +86,7 @@ def part_files(part: Part, cfg: HiMoEConfig) -> list[str]:
     for g in groups:
         if hier:
             files.append(checkpoint.group_router_file(cfg, L, g))
-        files += [checkpoint.expert_file(cfg, L, g, j) for j in range(cfg.num_experts)]
+        files += [checkpoint.expert_file(cfg, L, g, j) for j in range(cfg.group_sizes(L)[g])]
     return files
 
 
@@ -110,10 +113,10 @@ def describe_file(rel: str, cfg: HiMoEConfig) -> tuple[int | None, int | None, i
     for layer in range(cfg.n_layer):
         if rel == checkpoint.main_router_file(cfg, layer):
             return layer + 1, None, None
-        for g in range(cfg.num_moes):
+        for g, size in enumerate(cfg.group_sizes(layer)):
             if rel == checkpoint.group_router_file(cfg, layer, g):
                 return layer + 1, g + 1, None
-            for j in range(cfg.num_experts):
+            for j in range(size):
                 if rel == checkpoint.expert_file(cfg, layer, g, j):
                     return layer + 1, g + 1, j + 1
     return None, None, None

@@ -14,21 +14,27 @@ def max_violation(counts_E: torch.Tensor) -> float:
     return float((c.max() - mean) / mean)
 
 
-def load_figures(counts_E: torch.Tensor, num_groups: int) -> dict:
+def load_figures(counts_E: torch.Tensor, num_groups: int,
+                 group_sizes: list[int] | None = None) -> dict:
     """Shares per expert and per group; CV (population std / mean, the usual 'expert
     balance' figure), MaxVio and normalised entropy of the expert load; dead experts;
-    the same for groups."""
-    c = counts_E.double()
+    the same for groups. counts_E has num_groups equal runs of slots; group_sizes: how many
+    slots of each run hold an expert (ragged groups), the statistics count only those."""
+    c_all = counts_E.double()
+    M = len(c_all) // num_groups
+    sizes = group_sizes or [M] * num_groups
+    c = c_all[[g * M + j for g, n in enumerate(sizes) for j in range(n)]]
     total = c.sum().clamp_min(1)
     mean = c.mean().clamp_min(1e-12)
     share = c / total
-    groups = c.view(num_groups, -1).sum(1)
+    groups = c_all.view(num_groups, -1).sum(1)
     entropy = -(share * share.clamp_min(1e-300).log()).sum()
     return {
-        "expert_share": share.tolist(),
+        "expert_share": (c_all / total).tolist(),  # by slot g * M + j
         "group_share": (groups / total).tolist(),
+        "group_sizes": list(sizes),
         "expert_cv": float(c.std(unbiased=False) / mean),
-        "expert_maxvio": max_violation(counts_E),
+        "expert_maxvio": max_violation(c),
         "load_entropy": float(entropy / math.log(len(c))) if len(c) > 1 else 1.0,
         "dead_experts": int((c == 0).sum()),
         "group_cv": float(groups.std(unbiased=False) / groups.mean().clamp_min(1e-12)),

@@ -24,7 +24,7 @@ def utilisation_chart(layers: list[dict], num_experts: int) -> str:
         top_group, top_expert = max(groups), max(experts)
         for g, gshare in enumerate(groups):
             lines.append(f"  moe_expert_{g + 1:03d} {bar(gshare, top_group)} {gshare:6.1%}")
-            for j in range(num_experts):
+            for j in range(fig.get("group_sizes", [num_experts] * len(groups))[g]):
                 share = experts[g * num_experts + j]
                 lines.append(f"      model_{j + 1:03d} {bar(share, top_expert)} {share:6.1%}")
     return "\n".join(lines)

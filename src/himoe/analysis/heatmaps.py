@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from himoe.errors import UserError
@@ -21,16 +22,18 @@ def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) 
     paths = []
     for fig_layer in layers:
         names = list(fig_layer["expert_share"])
-        share_DE = [fig_layer["expert_share"][n] for n in names]
-        E = len(share_DE[0])
+        sizes = fig_layer["balance"]["group_sizes"]
+        slots = [g * num_experts + j for g, n in enumerate(sizes) for j in range(n)]
+        share_DE = [[fig_layer["expert_share"][n][e] for e in slots] for n in names]
+        E = len(slots)
         size = (max(5.0, 0.28 * E + 2.5), max(2.5, 0.45 * len(names) + 1.5))
         fig, ax = plt.subplots(figsize=size)
         image = ax.imshow(share_DE, aspect="auto", cmap="viridis", vmin=0)
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(E), [f"{e // num_experts + 1}.{e % num_experts + 1}"
-                                 for e in range(E)], rotation=90, fontsize=7)
-        for g in range(1, E // num_experts):
-            ax.axvline(g * num_experts - 0.5, color="white", linewidth=1)
+                                 for e in slots], rotation=90, fontsize=7)
+        for edge in itertools.accumulate(sizes[:-1]):
+            ax.axvline(edge - 0.5, color="white", linewidth=1)
         nmi = fig_layer["nmi_expert"]
         ax.set_title(f"layer {fig_layer['layer']}: share of each domain's tokens per expert "
                      f"(NMI {'n/a' if nmi is None else f'{nmi:.3f}'})", fontsize=9)

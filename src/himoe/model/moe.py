@@ -13,11 +13,12 @@ from himoe.model.routing import build_router
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
         super().__init__()
-        self.router = build_router(cfg)
+        self.router = build_router(cfg, layer)
         self.experts = ExpertBank(cfg.total_experts, cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         self.capacity_factor = cfg.capacity_factor
+        self.num_real_experts = len(cfg.real_slots(layer))  # fewer than E with ragged groups
         # The last forward's choices, detached: read by balance figures, logs and analysis.
         self.last_ids_TK: torch.Tensor | None = None
         self.last_weights_TK: torch.Tensor | None = None
@@ -33,7 +34,7 @@ class MoELayer(nn.Module):
         ids_TK = routing.ids_TK
         if self.capacity_factor > 0:
             ids_TK = apply_capacity(ids_TK, routing.weights_TK.detach(),
-                                    self.experts.num_experts, self.capacity_factor)
+                                    self.num_real_experts, self.capacity_factor)
             self.last_dropped = int((ids_TK < 0).sum())
         self.last_ids_TK, self.last_weights_TK = routing.ids_TK, routing.weights_TK.detach()
         y_TD = self.experts(x_TD, ids_TK, routing.weights_TK, self.last_dropped)
@@ -42,14 +43,15 @@ class MoELayer(nn.Module):
 
 def apply_capacity(ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
                    capacity_factor: float) -> torch.Tensor:
-    """Each expert takes at most ceil(capacity_factor * T * K / E) assignments. Drop policy:
+    """Each of the num_experts experts takes at most ceil(capacity_factor * T * K / num_experts)
+    assignments (ids may index more slots, when ragged groups leave some empty). Drop policy:
     an expert over capacity keeps its highest-weight assignments (ties: earlier tokens) and
     the rest get id -1, so those tokens skip that expert and pass on through the residual."""
     flat_ids_S, flat_w_S = ids_TK.reshape(-1), weights_TK.reshape(-1)
     capacity = math.ceil(capacity_factor * flat_ids_S.numel() / num_experts)
     by_weight_S = flat_w_S.argsort(descending=True, stable=True)
     order_S = by_weight_S[flat_ids_S[by_weight_S].argsort(stable=True)]  # expert, then weight
-    counts_E = torch.bincount(flat_ids_S, minlength=num_experts)
+    counts_E = torch.bincount(flat_ids_S)
     rank_S = torch.arange(len(order_S), device=ids_TK.device) - (counts_E.cumsum(0) - counts_E)[
         flat_ids_S[order_S]]
     dropped_ids_S = flat_ids_S.clone()

@@ -55,7 +55,7 @@ class HierarchicalRouter(nn.Module):
     top_k_experts of its M experts. Combine weight = p1[g] * p2[g, j], so the language-model
     loss reaches both levels (a bare argmax would give neither router any gradient)."""
 
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         self.main_weight_ND = nn.Parameter(torch.empty(cfg.num_moes, cfg.n_embd))
@@ -70,6 +70,13 @@ class HierarchicalRouter(nn.Module):
         self.register_buffer("group_counts_N", torch.zeros(cfg.num_moes), persistent=False)
         self.register_buffer("expert_counts_E", torch.zeros(cfg.total_experts),
                              persistent=False)
+        # Groups of different sizes (after `himoe experts add`): the empty slots of the
+        # smaller groups get logit -inf, so probability 0 and never picked.
+        sizes_N = torch.tensor(cfg.group_sizes(layer), dtype=torch.float32)
+        self.register_buffer("group_sizes_N", sizes_N, persistent=False)
+        self.register_buffer("slot_mask_NM", torch.arange(cfg.num_experts) < sizes_N[:, None],
+                             persistent=False)
+        self.ragged = bool((sizes_N < cfg.num_experts).any())
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
@@ -82,6 +89,8 @@ class HierarchicalRouter(nn.Module):
         # All N*M level-2 logits in one matmul (M is small), then keep the chosen groups' rows:
         # gradient reaches only the routers of the groups that were picked.
         logits2_TNM = (x32_TD @ self.group_weight_NMD.float().reshape(N * M, -1).t()).view(-1, N, M)
+        if self.ragged:
+            logits2_TNM = logits2_TNM.masked_fill(~self.slot_mask_NM, float("-inf"))
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
         logits2_TGM = logits2_TNM.gather(1, idx_TGM)
         p2_TGM = F.softmax(logits2_TGM, dim=-1)
@@ -95,10 +104,11 @@ class HierarchicalRouter(nn.Module):
             self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=N * M)
         aux = {}
         if cfg.switch_coef:
-            aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ)
+            aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ,
+                                                                    self.group_sizes_N)
         if cfg.z_coef:
             aux["z"] = cfg.z_coef * (losses.z_loss(logits1_TN)
-                                     + losses.z_loss(logits2_TGM.reshape(-1, M)))
+                                     + losses.z_loss(logits2_TGM.reshape(-1, M)))  # -inf: exp 0
         if cfg.inter_coef or cfg.intra_coef:
             # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
             pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
@@ -111,16 +121,26 @@ class HierarchicalRouter(nn.Module):
         less than their share of the step's assignments."""
         rate, M = self.cfg.bias_update_rate, self.cfg.num_experts
         sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate)
-        sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate)
+        sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate,
+                    self.slot_mask_NM if self.ragged else None)
         self.group_counts_N.zero_()
         self.expert_counts_E.zero_()
 
 
-def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float) -> None:
+def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float,
+                mask_RC: torch.Tensor | None = None) -> None:
     """Loss-free balancing (DeepSeek-V3): b += rate * sign(mean(c) - c) along each row of
-    candidates that compete with each other, then centred so only differences matter."""
-    bias_RC += rate * torch.sign(counts_RC.mean(-1, keepdim=True) - counts_RC)
-    bias_RC -= bias_RC.mean(-1, keepdim=True)
+    candidates that compete with each other, then centred so only differences matter.
+    mask_RC: the real candidates of ragged rows; empty slots keep bias 0."""
+    if mask_RC is None:
+        bias_RC += rate * torch.sign(counts_RC.mean(-1, keepdim=True) - counts_RC)
+        bias_RC -= bias_RC.mean(-1, keepdim=True)
+        return
+    m_RC = mask_RC.to(bias_RC.dtype)
+    n_R1 = m_RC.sum(-1, keepdim=True)
+    mean_R1 = (counts_RC * m_RC).sum(-1, keepdim=True) / n_R1
+    bias_RC += rate * torch.sign(mean_R1 - counts_RC) * m_RC
+    bias_RC -= (bias_RC * m_RC).sum(-1, keepdim=True) / n_R1 * m_RC
 
 
 def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
@@ -130,9 +150,10 @@ def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
         return float(losses.entropy(joint_TE).mean())
 
 
-def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ) -> torch.Tensor:
+def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N) -> torch.Tensor:
     """Switch loss at both levels: N * sum_g f_g P_g over groups, plus for each group
-    M * sum_j f_{j|g} P_{j|g} over the tokens that reached it, weighted by its share."""
+    M_g * sum_j f_{j|g} P_{j|g} over the tokens that reached it, weighted by its share
+    (M_g = sizes_N[g], its expert count)."""
     N, M = p1_TN.shape[1], p2_TGM.shape[2]
     level1 = losses.switch_loss(p1_TN, g_TG)
     group_S = g_TG.reshape(-1)  # one row per (token, chosen group)
@@ -147,7 +168,7 @@ def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ) -> torch.Tensor:
     f_NM = picks_NM / (n_safe_N * j_TGJ.shape[-1]).unsqueeze(-1)
     P_NM = prob_sum_NM / n_safe_N.unsqueeze(-1)
     share_N = n_N / n_N.sum()
-    return level1 + (share_N * M * (f_NM * P_NM).sum(-1)).sum()
+    return level1 + (share_N * sizes_N * (f_NM * P_NM).sum(-1)).sum()
 
 
 class FlatGate(nn.Module):
@@ -246,7 +267,8 @@ class GroupLimitedRouter(TopKRouter):
         return masked_TE.topk(cfg.top_k_experts, dim=-1).indices
 
 
-def build_router(cfg: HiMoEConfig) -> nn.Module:
-    routers = {"hierarchical": HierarchicalRouter, "grouped": GroupedRouter,
-               "topk": TopKRouter, "group_limited": GroupLimitedRouter}
+def build_router(cfg: HiMoEConfig, layer: int = 0) -> nn.Module:
+    if cfg.router == "hierarchical":
+        return HierarchicalRouter(cfg, layer)
+    routers = {"grouped": GroupedRouter, "topk": TopKRouter, "group_limited": GroupLimitedRouter}
     return routers[cfg.router](cfg)

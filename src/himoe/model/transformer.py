@@ -13,7 +13,7 @@ from himoe.model.moe import MoELayer
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout)
@@ -21,7 +21,7 @@ class Block(nn.Module):
         if cfg.router == "dense":
             self.ffn = DenseFFN(cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         else:
-            self.ffn = MoELayer(cfg)
+            self.ffn = MoELayer(cfg, layer)
         self.ffn_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, cache: KVCache | None = None, layer: int = 0):
@@ -38,7 +38,7 @@ class HiMoEModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self._init_weights()
@@ -110,9 +110,13 @@ class HiMoEModel(nn.Module):
         cfg = self.cfg
         for moe in self.moe_layers.values():
             bank = sum(p.numel() for p in moe.experts.parameters())
-            active -= bank - bank // cfg.total_experts * cfg.experts_per_token
+            per_expert = bank // cfg.total_experts
+            empty = cfg.total_experts - moe.num_real_experts  # slots of ragged groups
+            total -= empty * per_expert
+            active -= bank - per_expert * cfg.experts_per_token
             if cfg.router == "hierarchical":  # only the chosen groups' level-2 routers run
                 level2 = moe.router.group_weight_NMD.numel()
+                total -= empty * cfg.n_embd
                 active -= level2 - level2 // cfg.num_moes * cfg.top_k_groups
         return total, active
 

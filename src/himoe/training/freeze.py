@@ -31,9 +31,9 @@ def owner_files(cfg: HiMoEConfig, key: str) -> str | list[str]:
     if m is None or cfg.router == "dense":
         return "backbone.pt"
     layer, part, name = int(m[1]), m[2], m[3]
-    M = cfg.num_experts
-    if part == "experts":
-        return [checkpoint.expert_file(cfg, layer, e // M, e % M)
+    M, real = cfg.num_experts, set(cfg.real_slots(layer))
+    if part == "experts":  # an empty slot of a ragged group belongs to no file: kept as is
+        return [checkpoint.expert_file(cfg, layer, e // M, e % M) if e in real else ""
                 for e in range(cfg.total_experts)]
     if cfg.router == "hierarchical" and name == "group_weight_NMD":
         return [checkpoint.group_router_file(cfg, layer, g) for g in range(cfg.num_moes)]

@@ -155,13 +155,13 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
             batch_E = torch.bincount(layer.last_ids_TK.reshape(-1).cpu(),
                                      minlength=cfg.total_experts)
             counts[i] += batch_E
-            batch_maxvio[i].append(max_violation(batch_E))
+            batch_maxvio[i].append(max_violation(batch_E[cfg.real_slots(i)]))
             entropy[i].append(layer.last_entropy)
             dropped[i] += layer.last_dropped
     model.train(was_training)
     val_loss = sum(losses) / len(losses)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-            "layers": [load_figures(counts[i], cfg.num_moes) | {
+            "layers": [load_figures(counts[i], cfg.num_moes, cfg.group_sizes(i)) | {
                 "batch_maxvio": sum(batch_maxvio[i]) / len(batch_maxvio[i]),
                 "routing_entropy": sum(entropy[i]) / len(entropy[i]),
                 "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}

@@ -1,0 +1,150 @@
+"""`himoe experts add`: one more expert in one group of a saved hierarchical model.
+
+On disk that is one new file (the group's next model_00K.pt), one wider file (the group's
+level-2 router gains a row), and a new config.json (group_experts records the sizes). In
+memory every group keeps num_experts slots (the largest group), so the stacked tensors and
+the optimiser's moments in train_state.pt change layout: they are moved slot by slot so that
+`--resume` goes on exactly where training stopped, with zero moments for the new expert.
+Every other file is copied byte for byte, in one atomic save (himoe.surgery.rewrite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+
+from himoe import checkpoint
+from himoe.config import HiMoEConfig
+from himoe.errors import UserError
+from himoe.model import HiMoEModel
+from himoe.surgery import BALANCE_BIAS, current_manifest, rewrite, torch_writer
+from himoe.training.optim import build_optimizer
+
+SLOT_PARAM = re.compile(r"blocks\.(\d+)\.ffn\.(experts\.\w+|router\.group_weight_NMD)")
+
+
+def parse_init(text: str, size: int) -> int | None:
+    """--init random -> None; copy:J (1-based, an expert of the same group) -> J - 1."""
+    if text == "random":
+        return None
+    m = re.fullmatch(r"copy:(\d+)", text)
+    if m is None:
+        raise UserError(f"--init {text!r} is not 'random' or 'copy:J'; e.g. --init copy:2 "
+                        "starts the new expert as a copy of expert 2 of the same group")
+    j = int(m[1])
+    if not 1 <= j <= size:
+        raise UserError(f"--init {text}: the group has experts 1-{size}; name one of them")
+    return j - 1
+
+
+def grown_config(cfg: HiMoEConfig, layer: int, group: int) -> HiMoEConfig:
+    """cfg with one more expert in group `group` of layer `layer` (0-based)."""
+    sizes = [cfg.group_sizes(i) for i in range(cfg.n_layer)]
+    sizes[layer][group] += 1
+    largest = max(max(row) for row in sizes)
+    uniform = all(n == largest for row in sizes for n in row)
+    return dataclasses.replace(cfg, num_experts=largest,
+                               group_experts=None if uniform else sizes).validate()
+
+
+def new_expert_state(cfg: HiMoEConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A fresh expert file, initialised as himoe initialises every expert."""
+    D, F = cfg.n_embd, cfg.ffn_hidden
+    return {"fc1.weight": torch.randn(F, D, generator=gen) * 0.02,
+            "fc1.bias": torch.zeros(F),
+            "fc2.weight": torch.randn(D, F, generator=gen) * (0.02 / (2 * cfg.n_layer) ** 0.5),
+            "fc2.bias": torch.zeros(D)}
+
+
+def widened_router(sd: dict, source: int | None, gen: torch.Generator) -> dict:
+    """The group router with one more row: a copy of expert `source`'s row, or a fresh one
+    (std 0.02, as at initialisation). A copied row starts the new expert as its source's
+    twin: the two split that row's tokens as training separates them."""
+    w_MD = sd["weight"]
+    row_D = w_MD[source].clone() if source is not None else torch.randn(
+        w_MD.shape[1], generator=gen) * 0.02
+    out = {"weight": torch.cat([w_MD, row_D[None].to(w_MD.dtype)])}
+    if BALANCE_BIAS in sd:
+        bias = sd[BALANCE_BIAS]
+        start = bias[source] if source is not None else bias.new_zeros(())
+        out[BALANCE_BIAS] = torch.cat([bias, start.view(1)])
+    return out
+
+
+def move_slots(t: torch.Tensor, old: HiMoEConfig, new: HiMoEConfig, layer: int) -> torch.Tensor:
+    """A tensor stacked over layer `layer`'s slots (g * M + j on dim 0, or [N, M, ...]) in
+    the new layout: every expert keeps its (group, index), new slots are zero."""
+    M_old, M_new, N = old.num_experts, new.num_experts, old.num_moes
+    stacked_NM = t.shape[:2] == (N, M_old)
+    flat = t.reshape(N * M_old, *t.shape[2 if stacked_NM else 1:])
+    out = flat.new_zeros(N * M_new, *flat.shape[1:])
+    for g, n in enumerate(old.group_sizes(layer)):
+        out[g * M_new:g * M_new + n] = flat[g * M_old:g * M_old + n]
+    return out.view(N, M_new, *flat.shape[1:]) if stacked_NM else out
+
+
+def grown_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig) -> dict:
+    """train_state.pt with the optimiser's moments moved to the new slot layout."""
+    model = HiMoEModel(old)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    # The optimiser's state_dict numbers parameters in the order of its groups.
+    order = [name_of[id(p)] for group in build_optimizer(model, old).param_groups
+             for p in group["params"]]
+    moved = {}
+    for index, slot_state in state["optimizer"]["state"].items():
+        m = SLOT_PARAM.fullmatch(order[index])
+        if m is None:
+            moved[index] = slot_state
+            continue
+        shape = tuple(model.get_parameter(order[index]).shape)
+        moved[index] = {k: move_slots(v, old, new, int(m[1]))
+                        if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
+                        for k, v in slot_state.items()}
+    return state | {"optimizer": state["optimizer"] | {"state": moved}}
+
+
+def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) -> str:
+    """Add an expert to group `group` of MoE layer `layer` (1-based, as in the file names);
+    returns one line saying what was written."""
+    model_dir = Path(model_dir)
+    cfg, vocab, step = checkpoint.read_config(model_dir)
+    if cfg.router != "hierarchical":
+        raise UserError(f"{model_dir} uses the {cfg.router!r} router, which has no per-group "
+                        "router to widen; `experts add` works on hierarchical models (the "
+                        "card's)")
+    for name, value, top in (("--layer", layer, cfg.n_layer), ("--group", group, cfg.num_moes)):
+        if not 1 <= value <= top:
+            raise UserError(f"{name} {value} does not exist; this model has 1-{top}")
+    L, G = layer - 1, group - 1
+    size = cfg.group_sizes(L)[G]
+    source = parse_init(init, size)
+    current_manifest(model_dir)  # refuse a damaged directory before any work
+    new_cfg = grown_config(cfg, L, G)
+    gen = torch.Generator().manual_seed(seed)
+    expert_rel = checkpoint.expert_file(cfg, L, G, size)
+    router_rel = checkpoint.group_router_file(cfg, L, G)
+    router = checkpoint.load_weight_file(model_dir / router_rel)
+    if "weight" not in router or router["weight"].shape[0] != size:
+        raise UserError(f"{model_dir / router_rel} does not hold the {size}-row router of its "
+                        "group; restore it before adding an expert")
+    if source is None:
+        expert_writer = torch_writer(new_expert_state(cfg, gen))
+    else:  # bytes as they are: an int8 expert stays int8
+        expert_writer = checkpoint.copy_writer(model_dir / checkpoint.expert_file(cfg, L, G,
+                                                                                  source))
+    writers = {expert_rel: expert_writer,
+               router_rel: torch_writer(widened_router(router, source, gen)),
+               checkpoint.CONFIG_FILE: lambda f: f.write(
+                   checkpoint.config_bytes(new_cfg, vocab, step))}
+    state_path = model_dir / checkpoint.TRAIN_STATE_FILE
+    if state_path.is_file():
+        state = checkpoint.load_weight_file(state_path, plain=False)
+        writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(grown_train_state(state, cfg,
+                                                                              new_cfg))
+    rewrite(model_dir, writers)
+    how = "random initialisation" if source is None else f"a copy of expert {source + 1}"
+    return (f"added expert {size + 1} to group {group} of layer {layer} ({how}): wrote "
+            f"{expert_rel} and widened {router_rel} to {size + 1} experts")
