@@ -173,7 +173,7 @@ CASES = {
         "fc1.weight": torch.zeros(8, 16), "fc1.bias": torch.zeros(8),
         "fc2.weight": torch.zeros(16, 8), "fc2.bias": torch.zeros(16)})), "different shapes"),
     "router of the wrong shape": (broken_model(replace_pt(
-        "layer_01_moe_expert_001/router.pt", {"weight": torch.zeros(5, 16)})), "do not match"),
+        "layer_01_moe_expert_001/router.pt", {"weight": torch.zeros(5, 16)})), "has 5 rows but its group has 2"),
     "weight file that is a bare tensor": (broken_model(replace_pt(EXPERT, torch.zeros(3))),
                                           "state_dict of tensors"),
     "truncated weight file": (broken_model(truncate("backbone.pt")), "cannot load"),
