@@ -173,7 +173,8 @@ CASES = {
         "fc1.weight": torch.zeros(8, 16), "fc1.bias": torch.zeros(8),
         "fc2.weight": torch.zeros(16, 8), "fc2.bias": torch.zeros(16)})), "different shapes"),
     "router of the wrong shape": (broken_model(replace_pt(
-        "layer_01_moe_expert_001/router.pt", {"weight": torch.zeros(5, 16)})), "has 5 rows but its group has 2"),
+        "layer_01_moe_expert_001/router.pt", {"weight": torch.zeros(5, 16)})),
+        "has 5 rows but its group has 2"),
     "weight file that is a bare tensor": (broken_model(replace_pt(EXPERT, torch.zeros(3))),
                                           "state_dict of tensors"),
     "truncated weight file": (broken_model(truncate("backbone.pt")), "cannot load"),
@@ -352,3 +353,10 @@ def test_a_full_disk_at_the_first_save_leaves_nothing(work, capsys, monkeypatch)
     errors = [line for line in err.splitlines() if line.startswith("himoe:")]
     assert code == 2 and len(errors) == 1 and "no earlier save exists" in errors[0], err
     assert not (work / "run").exists()
+
+
+def test_a_negative_value_is_read_as_a_value(tmp_path, capsys):
+    # argparse alone takes "-1e-3" for a flag and says only "expected one argument".
+    code, _, err = himoe(["train", "--model_dir", tmp_path / "m", "--lr", "-1e-3"], capsys)
+    assert_one_line_error(code, err, "--lr must be a finite non-negative number, got -0.001")
+    assert not (tmp_path / "m").exists()
