@@ -203,9 +203,10 @@ class Parallel:
             return sharded.full_optimizer_state(model, optimizer) or None
         state = optimizer.state_dict()
         for i in self._expert_indices(optimizer):
-            for key, value in state["state"].get(i, {}).items():
-                if value.dim() > 0:  # moments: gather the rows; the step count is shared
-                    state["state"][i][key] = gather_rows(value)
+            # New dicts: state_dict() hands out the optimizer's own per-parameter dicts.
+            # Moments: gather the rows; the step count is the same on every rank.
+            state["state"][i] = {key: gather_rows(value) if value.dim() > 0 else value
+                                 for key, value in state["state"].get(i, {}).items()}
         return state if self.is_main else None
 
     def load_optimizer_state(self, model: HiMoEModel, optimizer, state: dict) -> None:
