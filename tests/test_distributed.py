@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_config
 
 from himoe.checkpoint import load_model
 from himoe.distributed.plan import Parallel
 from himoe.training.trainer import Trainer
 from himoe.verify import verify
+from tests.conftest import tiny_config
 
 FLAGS = dict(n_embd=32, n_layer=2, n_head=2, block_size=16, num_moes=2, num_experts=2,
              dropout=0.0, batch_size=8, max_iters=3, eval_interval=1, eval_iters=2,
@@ -167,3 +167,20 @@ def test_expert_parallel_gradients(route_to_0):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mp.spawn(_ep_worker, args=(2, free_port(), cfg, state, x_BT, y_BT, want, route_to_0),
              nprocs=2)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--fsdp"], "torchrun"),
+    (["--expert_parallel", "2"], "torchrun"),
+    (["--expert_parallel", "0"], "--expert_parallel must be >= 1"),
+    (["--grad_accum", "3"], "--batch_size 8 does not split"),
+    (["--grad_accum", "0"], "--grad_accum must be >= 1"),
+])
+def test_bad_parallel_flags(tmp_path, capsys, argv, says):
+    from himoe.cli import main
+
+    args = [f"--{k}={v}" for k, v in FLAGS.items()] + ["--model_dir", str(tmp_path / "m")]
+    assert main(["train", *args, *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
