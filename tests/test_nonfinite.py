@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from himoe import checkpoint
+from himoe.distributed import plan as plan_module  # train_step clips through Parallel
 from himoe.model import HiMoEModel
-from himoe.training import trainer as trainer_module
 from tests.test_bad_input import SMALL, TEXT, himoe
 
 BAD_STEP = 3
@@ -32,14 +32,14 @@ def poison(monkeypatch, where: str) -> None:
 
         monkeypatch.setattr(HiMoEModel, "forward", nan_forward)
     else:
-        clip = trainer_module.clip_grad_norm
+        clip = plan_module.clip_grad_norm
 
         def inf_clip(params, max_norm):
             norm = clip(params, max_norm)
             calls["n"] += 1
             return torch.tensor(math.inf) if calls["n"] == BAD_STEP else norm
 
-        monkeypatch.setattr(trainer_module, "clip_grad_norm", inf_clip)
+        monkeypatch.setattr(plan_module, "clip_grad_norm", inf_clip)
 
 
 def train_argv(tmp_path, *extra):

@@ -110,11 +110,13 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
 
 
 def cmd_train(args) -> int:
+    from himoe.distributed.launch import launched
     from himoe.training.trainer import Trainer
 
-    cfg = config_from_args(args, args.resume)
-    Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite,
-            train_only=args.train_only).train()
+    with launched(args) as parallel:  # one process, or one rank of a torchrun job
+        cfg = config_from_args(args, args.resume)
+        Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite,
+                train_only=args.train_only, parallel=parallel).train()
     return 0
 
 
@@ -220,6 +222,8 @@ def build_parser() -> Parser:
                        help="with --resume: train only these parts, e.g. layer1.group3,"
                             "layer2.router,layer1.group3.expert2 (README: Working with single "
                             "experts); every other weight file stays byte for byte")
+    from himoe.distributed.launch import add_parallel_flags
+    add_parallel_flags(train)
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="sample text from a saved model")

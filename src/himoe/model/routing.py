@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from himoe.config import HiMoEConfig
+from himoe.distributed.collectives import mean_over_ranks
 from himoe.model import losses
 
 
@@ -203,7 +204,9 @@ class GroupedRouter(FlatGate):
         z_TE = self.logits(x_TD)
         if self.training:
             with torch.no_grad():  # updated before use, as in the reference code
-                self.logit_ema_E.mul_(cfg.ema_beta).add_((1 - cfg.ema_beta) * z_TE.mean(0))
+                # Mean over all ranks' tokens: every rank keeps the same EMA (himoe.distributed).
+                mean_E = mean_over_ranks(z_TE.mean(0))
+                self.logit_ema_E.mul_(cfg.ema_beta).add_((1 - cfg.ema_beta) * mean_E)
             pi_TE = F.softmax((z_TE - cfg.bias_tau * self.logit_ema_E) / cfg.router_temp, -1)
         else:
             pi_TE = F.softmax(z_TE / cfg.router_temp, -1)

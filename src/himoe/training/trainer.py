@@ -22,13 +22,14 @@ from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
 from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train_val
+from himoe.distributed.plan import Discard, Parallel
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.specs import spec_files
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
-from himoe.training.optim import build_optimizer, clip_grad_norm, lr_at
+from himoe.training.optim import build_optimizer, lr_at
 
 
 def resolve_device(cfg: HiMoEConfig) -> tuple[torch.device, torch.dtype]:
@@ -114,13 +115,15 @@ def routing_schedule(cfg: HiMoEConfig) -> str:
             f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}")
 
 
-def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None) -> torch.Tensor:
+def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
+               parallel: Parallel | None = None) -> torch.Tensor:
     """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
     balancing update. `himoe bench` times exactly this function, so its figures are those
-    of `himoe train`. forward: a compiled version of model, if any."""
-    _, loss = (forward or model)(x_BT, y_BT)
-    loss.backward()
-    norm = clip_grad_norm(params, model.cfg.grad_clip)
+    of `himoe train`. forward: a compiled (or DDP) version of model, if any. parallel: how
+    the step is split into micro-batches and ranks (default: one process, one batch)."""
+    parallel = parallel or Parallel()
+    loss = parallel.forward_backward(forward or model, x_BT, y_BT)
+    norm = parallel.clip_grad_norm(params, model.cfg.grad_clip)
     # A non-finite loss or gradient norm must never reach the weights or AdamW's moments.
     # One host sync; the caller reads the loss every step anyway.
     if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
@@ -129,8 +132,9 @@ def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None) -
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if model.cfg.bias_update_rate:
+        parallel.sync_balance_counts(model)
         model.update_balance_biases()
-    return loss.detach()
+    return loss
 
 
 @torch.no_grad()
@@ -169,8 +173,14 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
 
 class Trainer:
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
-                 skip_nonfinite: bool = False, train_only: str | None = None):
+                 skip_nonfinite: bool = False, train_only: str | None = None,
+                 parallel: Parallel | None = None):
+        # parallel: this process's part in a torchrun job (himoe.distributed); only rank 0
+        # prints, shows the bar and writes files.
+        self.parallel = parallel = parallel or Parallel()
         self.out = out if out is not None else sys.stdout  # the stdout of now, not of import
+        if not parallel.is_main:
+            self.out = Discard()
         # train_only: a SPEC (himoe.specs); only those weight files train, the rest stay exact.
         if train_only is not None and not resume:
             raise UserError("--train_only fine-tunes parts of a saved model; add --resume "
@@ -202,25 +212,29 @@ class Trainer:
             self.step = 0
             seed_everything(cfg.seed)  # the initial weights depend on the seed alone
             self.model = HiMoEModel(cfg)
+        parallel.check(cfg, train_only)
         self.cfg = cfg
         self.model.cfg = cfg  # training flags may differ from the saved run's
-        self.model.to(self.device)
+        total, active = self.model.parameter_counts()  # of the whole model, before sharding
+        parallel.place(self.model, self.device)
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         self.train_data, self.val_data = split_train_val(ids, cfg.block_size)
         # The compiled forward shares the model's parameters; evaluation and sampling use
         # the plain model, so switching to eval mode triggers no recompilation.
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.params = list(self.model.parameters())
-        self.data_gen = torch.Generator().manual_seed(cfg.seed)
-        seed_everything(cfg.seed + 1)  # dropout stream, separate from the initial weights
-        if resume:
-            self._restore_train_state()
-        self.saved_step = self.step if resume else None
         if train_only is not None:
             self.freezer = Freezer(self.model, set(spec_files(train_only, cfg, "--train_only")))
             self._print(self.freezer.summary())
-        total, active = self.model.parameter_counts()
+        forward = parallel.wrap(self.model, self.device)
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.params = list(self.model.parameters())
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank
+        seed_everything(cfg.seed + 1)  # dropout stream, separate from the initial weights
+        if resume:
+            self._restore_train_state()
+        if parallel.rank:  # each rank its own dropout masks
+            seed_everything(cfg.seed + 1 + 1_000_003 * parallel.rank + self.step)
+        self.saved_step = self.step if resume else None
         self.active_params, self.peak_flops = active, peak_flops(self.device)
         self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
                     f"{self.tokenizer.vocab_size}); device {self.device}, "
@@ -236,7 +250,8 @@ class Trainer:
 
     # --- state for --resume ---
     def _train_state(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+        return {"step": self.step,
+                "optimizer": self.parallel.optimizer_state(self.model, self.optimizer),
                 "data_generator": self.data_gen.get_state(), "rng": rng_state(),
                 "skipped_steps": self.skipped_steps, "corpus_sha256": self.corpus_sha256}
 
@@ -249,7 +264,7 @@ class Trainer:
         if state.get("step") != self.step:
             raise UserError(f"{path} is for step {state.get('step')} but config.json says "
                             f"{self.step}; the last save was interrupted, re-run without --resume")
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.parallel.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.data_gen.set_state(state["data_generator"])
         set_rng_state(state["rng"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -259,10 +274,15 @@ class Trainer:
 
     def save(self) -> None:
         """Weights, config.json, train_state.pt and metrics.jsonl in one atomic save, so
-        that they always belong to the same step."""
+        that they always belong to the same step. Under torchrun every rank takes part in
+        gathering the weights and optimizer state, and rank 0 alone writes."""
+        model, train_state = self.parallel.full_model(self.model), self._train_state()
+        if not self.parallel.is_main:
+            self.saved_step = self.step
+            return
         try:
-            checkpoint.save_model(self.model, self.tokenizer.chars, self.step, self.model_dir,
-                                  extra={checkpoint.TRAIN_STATE_FILE: self._train_state(),
+            checkpoint.save_model(model, self.tokenizer.chars, self.step, self.model_dir,
+                                  extra={checkpoint.TRAIN_STATE_FILE: train_state,
                                          checkpoint.METRICS_FILE: "".join(self.metrics_lines)},
                                   keep=self.freezer.frozen_files if self.freezer else ())
         except BaseException:
@@ -281,7 +301,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.block_size
         model.train()
         bar = self.bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train",
-                              unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+                              unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
+                              disable=not self.parallel.is_main)
         step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
         while self.step < cfg.max_iters:
             lr = lr_at(self.step, cfg)
@@ -296,7 +317,7 @@ class Trainer:
             try:
                 with autocast(self.device, self.dtype):
                     loss = train_step(model, self.optimizer, self.params, x.to(self.device),
-                                      y.to(self.device), self.forward)
+                                      y.to(self.device), self.forward, self.parallel)
                 loss_value = loss.item()
             except NonFiniteStep as bad:
                 self._skip_or_stop(bad, bar, buffers)  # raises unless --skip_nonfinite
@@ -358,8 +379,9 @@ class Trainer:
         """The card's end-of-training outputs: chart, sample.txt, routing_log.json."""
         if self.model.moe_layers:
             self._print(utilisation_chart(last_eval["layers"], self.cfg.num_experts))
+        # Every rank generates (sharded models need all of them); rank 0 writes.
         text, log = write_sample(self.model, self.tokenizer, self.cfg, self.model_dir,
-                                 self.device)
+                                 self.device, write=self.parallel.is_main)
         self._print(f"sample ({self.cfg.sample_tokens} tokens) written to "
                     f"{self.model_dir / 'sample.txt'}:\n{text[:300]}")
         if log is not None:
@@ -368,7 +390,7 @@ class Trainer:
 
 
 def write_sample(model: HiMoEModel, tokenizer: CharTokenizer, cfg: HiMoEConfig,
-                 model_dir: Path, device) -> tuple[str, list | None]:
+                 model_dir: Path, device, write: bool = True) -> tuple[str, list | None]:
     """sample.txt: sample_tokens tokens from a blank context; routing_log.json: the routing
     of the first 50 of them."""
     model.eval()
@@ -378,9 +400,12 @@ def write_sample(model: HiMoEModel, tokenizer: CharTokenizer, cfg: HiMoEConfig,
                          generator=gen)
     generated = out[0, len(context):].tolist()
     text = tokenizer.decode(generated)
-    checkpoint.atomic_write_text(text, model_dir / "sample.txt")
+    if write:
+        checkpoint.atomic_write_text(text, model_dir / "sample.txt")
     log = None
     if model.moe_layers:
         log = routing_log(model, context, generated, tokenizer.decode)
-        checkpoint.atomic_write_text(json.dumps(log, indent=1), model_dir / "routing_log.json")
+        if write:
+            checkpoint.atomic_write_text(json.dumps(log, indent=1),
+                                         model_dir / "routing_log.json")
     return text, log
