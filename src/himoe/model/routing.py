@@ -77,7 +77,7 @@ class HierarchicalRouter(nn.Module):
         self.register_buffer("group_sizes_N", sizes_N, persistent=False)
         self.register_buffer("slot_mask_NM", torch.arange(cfg.num_experts) < sizes_N[:, None],
                              persistent=False)
-        self.ragged = bool((sizes_N < cfg.num_experts).any())
+        self.ragged = min(cfg.group_sizes(layer)) < cfg.num_experts  # no tensor read: may be meta
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         cfg = self.cfg
