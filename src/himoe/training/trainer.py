@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -21,7 +20,9 @@ from himoe.analysis.balance import load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
 from himoe.config import HiMoEConfig
-from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train_val
+from himoe.data.corpora import encode_documents, load_documents, split_documents
+from himoe.data.corpus import get_batch
+from himoe.data.tokenizer import tokenizer_for, train_tokenizer
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.specs import spec_files
@@ -182,22 +183,22 @@ class Trainer:
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.device, self.dtype = resolve_device(cfg)
         keep_freed_memory()
-        text, corpus_path = load_corpus(cfg.data_file)
-        self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        corpus = load_documents(cfg.data_file)
+        self.corpus_sha256 = corpus.sha256()
         checkpoint.check_model_dir_writable(self.model_dir)
         self.metrics_lines: list[str] = []  # metrics.jsonl, saved with each checkpoint
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
-            self.tokenizer = CharTokenizer(vocab)
-            missing = self.tokenizer.unknown(text)
+            self.tokenizer = tokenizer_for(saved_cfg, vocab, self.model_dir)
+            missing = sorted(set().union(*(self.tokenizer.unknown(t) for t in corpus.texts)))
             if missing:
-                raise UserError(f"corpus {corpus_path} has characters the saved model does not "
+                raise UserError(f"corpus {corpus.source} has characters the saved model does not "
                                 f"know: {''.join(missing)!r}; resume on the same corpus")
             self.model, _, _, _ = checkpoint.load_model(self.model_dir)
             cfg.vocab_size = saved_cfg.vocab_size
             self.metrics_lines = checkpoint.read_metrics(self.model_dir, self.step)
         else:
-            self.tokenizer = CharTokenizer.from_text(text)
+            self.tokenizer = train_tokenizer(cfg.tokenizer, corpus, cfg.bpe_vocab_size)
             cfg.vocab_size = self.tokenizer.vocab_size
             self.step = 0
             seed_everything(cfg.seed)  # the initial weights depend on the seed alone
@@ -205,8 +206,8 @@ class Trainer:
         self.cfg = cfg
         self.model.cfg = cfg  # training flags may differ from the saved run's
         self.model.to(self.device)
-        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        self.train_data, self.val_data = split_train_val(ids, cfg.block_size)
+        self.train_data, self.val_data = split_documents(
+            corpus, encode_documents(corpus, self.tokenizer), cfg.block_size)
         # The compiled forward shares the model's parameters; evaluation and sampling use
         # the plain model, so switching to eval mode triggers no recompilation.
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -222,7 +223,8 @@ class Trainer:
             self._print(self.freezer.summary())
         total, active = self.model.parameter_counts()
         self.active_params, self.peak_flops = active, peak_flops(self.device)
-        self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
+        n_tokens = len(self.train_data) + len(self.val_data)
+        self._print(f"corpus: {corpus.label} ({n_tokens:,} tokens, vocabulary "
                     f"{self.tokenizer.vocab_size}); device {self.device}, "
                     f"{str(self.dtype).removeprefix('torch.')}")
         self._print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per "
@@ -261,9 +263,10 @@ class Trainer:
         """Weights, config.json, train_state.pt and metrics.jsonl in one atomic save, so
         that they always belong to the same step."""
         try:
-            checkpoint.save_model(self.model, self.tokenizer.chars, self.step, self.model_dir,
+            checkpoint.save_model(self.model, self.tokenizer.vocab, self.step, self.model_dir,
                                   extra={checkpoint.TRAIN_STATE_FILE: self._train_state(),
-                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines)},
+                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines),
+                                         **self.tokenizer.files()},
                                   keep=self.freezer.frozen_files if self.freezer else ())
         except BaseException:
             if getattr(self, "bar", None) is not None:
@@ -367,7 +370,7 @@ class Trainer:
                         f"{self.model_dir / 'routing_log.json'}")
 
 
-def write_sample(model: HiMoEModel, tokenizer: CharTokenizer, cfg: HiMoEConfig,
+def write_sample(model: HiMoEModel, tokenizer, cfg: HiMoEConfig,
                  model_dir: Path, device) -> tuple[str, list | None]:
     """sample.txt: sample_tokens tokens from a blank context; routing_log.json: the routing
     of the first 50 of them."""
