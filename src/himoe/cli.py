@@ -272,9 +272,10 @@ def build_parser() -> Parser:
                                 "`himoe bench --help` for its flags)")
     bench.set_defaults(func=cmd_bench)
 
-    from himoe import analyze_cli, chat, experts_cli  # own modules, one per command
+    from himoe import analyze_cli, chat, eval_cli, experts_cli  # own modules, one per command
     experts_cli.add_parser(sub)
     analyze_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     chat.add_parser(sub)
     return parser
 

@@ -19,6 +19,7 @@ from himoe import checkpoint
 from himoe.analysis.balance import load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
+from himoe.analysis.training_plots import training_plots
 from himoe.config import HiMoEConfig
 from himoe.data.corpora import encode_documents, load_documents, split_documents
 from himoe.data.corpus import get_batch
@@ -30,6 +31,7 @@ from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
 from himoe.training.optim import build_optimizer, clip_grad_norm, lr_at
+from himoe.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
 
 def resolve_device(cfg: HiMoEConfig) -> tuple[torch.device, torch.dtype]:
@@ -182,6 +184,8 @@ class Trainer:
         # update, counted) instead of stopping the run.
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.device, self.dtype = resolve_device(cfg)
+        if cfg.log == "tensorboard":
+            require_tensorboard()  # refused before any work when the package is missing
         keep_freed_memory()
         corpus = load_documents(cfg.data_file)
         self.corpus_sha256 = corpus.sha256()
@@ -283,6 +287,9 @@ class Trainer:
         result = TrainResult(self.step, self.model_dir)
         tokens_per_step = cfg.batch_size * cfg.block_size
         model.train()
+        tb = None
+        if cfg.log == "tensorboard":
+            tb = TensorBoardLog(Path(cfg.log_dir) if cfg.log_dir else self.model_dir / "tb")
         bar = self.bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train",
                               unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
         step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
@@ -314,6 +321,8 @@ class Trainer:
             self.step += 1
             window_steps += 1
             result.train_losses.append(loss_value)
+            if tb is not None:
+                tb.step(self.step, loss_value, lr)
             tok_s = window_steps * tokens_per_step / max(step_time, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             refresh=False)
@@ -331,12 +340,16 @@ class Trainer:
                           f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
                           file=self.out)
                 self.metrics_lines.append(json.dumps(ev) + "\n")
+                if tb is not None:
+                    tb.evaluation(ev)
                 self.save()
                 result.evals.append(ev)
                 step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
+        if tb is not None:
+            tb.close()
         result.step = self.step
         if self.step >= cfg.max_iters:
             self.finish(result.evals[-1])
@@ -368,6 +381,9 @@ class Trainer:
         if log is not None:
             self._print(f"routing of the first {len(log)} generated tokens written to "
                         f"{self.model_dir / 'routing_log.json'}")
+        pngs, note = training_plots(self.metrics_lines, last_eval, self.cfg.num_experts,
+                                    self.model_dir)
+        self._print(note or f"plots written to {', '.join(str(p) for p in pngs)}")
 
 
 def write_sample(model: HiMoEModel, tokenizer, cfg: HiMoEConfig,
