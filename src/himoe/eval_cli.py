@@ -107,6 +107,8 @@ def cmd_eval(args) -> int:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.json and Path(args.json).is_dir():
         raise UserError(f"--json {args.json} is a directory; pass a file path")
+    if args.lm_eval_task and Path(args.lm_eval_task).is_file():
+        raise UserError(f"--lm_eval_task {args.lm_eval_task} is a file; pass a directory")
     corpus = load_documents(args.data_file)  # refuse bad text before loading the model
     model_dir = Path(args.model_dir)
     model, cfg, vocab, step = load_model(model_dir)
@@ -122,6 +124,11 @@ def cmd_eval(args) -> int:
     if args.json:
         atomic_write_text(json.dumps(report, indent=1), Path(args.json))
         print(f"wrote {args.json}")
+    if args.lm_eval_task:
+        from himoe.lm_eval_task import write_task
+
+        written = write_task(corpus, Path(args.lm_eval_task))
+        print(f"wrote the lm-evaluation-harness task {', '.join(str(p) for p in written)}")
     return 0
 
 
@@ -134,5 +141,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch_size", "--batch-size", type=int, default=16,
                    help="windows per forward pass")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report here")
+    p.add_argument("--lm_eval_task", "--lm-eval-task", default=None, metavar="DIR",
+                   help="also write a local lm-evaluation-harness perplexity task over the "
+                        "same documents into DIR (README: Tokenizers, corpora, evaluation and "
+                        "logging)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_eval)
