@@ -14,8 +14,8 @@ from himoe.data.corpus import CharTokenizer
 from himoe.data.tokenizer import TOKENIZER_FILE, BPETokenizer, load_tokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
 from himoe.verify import verify
-from tests.conftest import tiny_config
 from tests.test_bad_input import assert_one_line_error, himoe
+from tests.test_experts import small_config
 
 TEXT = ("Ham. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind "
         "to suffer\nThe slings and arrows of outrageous fortune,\n\n") * 30
@@ -26,12 +26,9 @@ def corpus_of(*texts):
 
 
 def bpe_config(model_dir, data_file, **overrides):
-    base = dict(n_embd=16, n_layer=2, n_head=2, block_size=16, num_moes=2, num_experts=2,
-                batch_size=2, max_iters=4, eval_interval=2, eval_iters=2, sample_tokens=12,
-                tokenizer="bpe", bpe_vocab_size=300, data_file=str(data_file),
-                model_dir=str(model_dir))
-    base.update(overrides)
-    return tiny_config(**base)
+    return small_config(model_dir, **({"max_iters": 4, "sample_tokens": 12, "tokenizer": "bpe",
+                                       "bpe_vocab_size": 300, "data_file": str(data_file)}
+                                      | overrides))
 
 
 @pytest.fixture(scope="module")
