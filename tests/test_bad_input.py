@@ -170,6 +170,8 @@ CASES = {
                                     "matches no files"),
     "corpus of documents too short to split": (
         write_dir({"a.txt": TEXT, "b.txt": "tiny\n"}), "needs at least"),
+    "--vocab_size without --tokenizer bpe": (train_flags("--vocab_size", "500"),
+                                             "add --tokenizer bpe"),
     "BPE vocabulary below the byte alphabet": (train_flags("--tokenizer", "bpe", "--vocab_size",
                                                            "100"), "at least 257"),
     "corpus empty": (write("empty.txt", ""), "is empty"),

@@ -113,3 +113,15 @@ def test_resume_notes_a_changed_document(tmp_path):
     out = io.StringIO()
     Trainer(tiny_config(**(cfg | {"max_iters": 3})), resume=True, out=out).train()
     assert "the corpus differs" in out.getvalue()
+
+
+def test_read_only_corpus_directory_gets_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    docs = make_docs(tmp_path, 3)
+    docs.chmod(0o555)  # marked read-only (respected even when the tests run as root)
+    try:
+        corpus = load_documents(docs)
+        ids = encode_documents(corpus, train_tokenizer("char", corpus, 0))
+    finally:
+        docs.chmod(0o755)
+    assert len(ids) == 3 and not (docs / corpora.CACHE_DIR).exists()

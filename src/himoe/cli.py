@@ -113,6 +113,9 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
              if hasattr(args, f.name)}
     if not resume:
+        if "bpe_vocab_size" in given and given.get("tokenizer", "char") != "bpe":
+            raise UserError("--vocab_size sets the size of a BPE vocabulary; add --tokenizer bpe "
+                            "(a char vocabulary is the corpus's characters)")
         if "preset" in given:
             given = preset_values(given.pop("preset"), given)
         return dataclasses.replace(HiMoEConfig(), **given).validate()

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def _write_cache(path: Path, docs: list[torch.Tensor]) -> None:
     """Atomic (temporary name, then rename); any failure just means no cache."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        # A directory marked read-only is left alone even where the user (root) could write.
+        if not path.parent.parent.stat().st_mode & stat.S_IWUSR:
+            return
         path.parent.mkdir(exist_ok=True)
         ids = torch.cat(docs).numpy().astype(np.int32)
         with open(tmp, "wb") as f:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from himoe.config import TOKENIZERS
 from himoe.data.corpus import CharTokenizer
 from himoe.errors import UserError
 
-TOKENIZER_KINDS = ("char", "bpe")
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"  # the BPE vocabulary's one special token (for exports)
 BYTE_ALPHABET = 256
@@ -103,7 +103,7 @@ def train_tokenizer(kind: str, corpus, bpe_vocab_size: int):
         return CharTokenizer(sorted(set().union(*map(set, corpus.texts))))
     if kind == "bpe":
         return BPETokenizer.train(corpus.tokenizer_texts(), bpe_vocab_size)
-    raise UserError(f"--tokenizer {kind!r} is not one of {', '.join(TOKENIZER_KINDS)}")
+    raise UserError(f"--tokenizer {kind!r} is not one of {', '.join(TOKENIZERS)}")
 
 
 def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
