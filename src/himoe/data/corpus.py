@@ -62,9 +62,6 @@ class CharTokenizer:
     def files(self) -> dict[str, str]:
         return {}  # the vocabulary is config.json's "vocab"
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
     def unknown(self, text: str) -> list[str]:
         return sorted({c for c in text if c not in self.index})
 

@@ -81,9 +81,6 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts)]
-
     def decode(self, ids) -> str:
         # A token may hold part of a multi-byte character: decoded alone it shows as U+FFFD.
         return self.tok.decode(list(ids), skip_special_tokens=False)
