@@ -82,6 +82,16 @@ def write(name, data):
     return setup
 
 
+def write_dir(files: dict):
+    """A corpus directory holding `files` ({name: text})."""
+    def setup(w, mp):
+        (w / "docs").mkdir()
+        for name, text in files.items():
+            (w / "docs" / name).write_text(text)
+        return ["train", *SMALL, "--data_file", w / "docs", "--model_dir", w / "new"]
+    return setup
+
+
 def train_flags(*flags):
     return lambda w, mp: ["train", *SMALL, "--data_file", w / "corpus.txt",
                           "--model_dir", w / "new", *flags]
@@ -153,8 +163,17 @@ EXPERT = "layer_01_moe_expert_002/model_001.pt"
 CASES = {
     # corpus
     "corpus missing": (train_flags("--data_file", "/nonexistent/c.txt"), "does not exist"),
-    "corpus is a directory": (lambda w, mp: train_flags("--data_file", w)(w, mp),
-                              "is a directory"),
+    "corpus directory holds a binary file": (
+        lambda w, mp: train_flags("--data_file", w)(w, mp), "looks binary"),
+    "corpus directory without files": (write_dir({".hidden.txt": TEXT}), "without text files"),
+    "corpus glob matches nothing": (lambda w, mp: train_flags("--data_file", w / "*.nope")(w, mp),
+                                    "matches no files"),
+    "corpus of documents too short to split": (
+        write_dir({"a.txt": TEXT, "b.txt": "tiny\n"}), "needs at least"),
+    "--vocab_size without --tokenizer bpe": (train_flags("--vocab_size", "500"),
+                                             "add --tokenizer bpe"),
+    "BPE vocabulary below the byte alphabet": (train_flags("--tokenizer", "bpe", "--vocab_size",
+                                                           "100"), "at least 257"),
     "corpus empty": (write("empty.txt", ""), "is empty"),
     "corpus only blanks": (write("blank.txt", " \n\n\t"), "is empty"),
     "corpus binary": (write("bin.txt", b"ab\x00\x01\x02" * 200), "looks binary"),

@@ -43,12 +43,13 @@ def read_domain(name: str, path: Path) -> str:
 def domain_texts(args, cfg) -> list[tuple[str, str, str]]:
     """[(name, source, text)]: the --domain files, or the model's corpus split by speaker."""
     from himoe.analysis.domains import play_domains
-    from himoe.data.corpus import load_corpus
+    from himoe.data.corpora import load_documents
 
     if args.domain:
         return [(name, str(path), read_domain(name, path))
                 for name, path in parse_domains(args.domain)]
-    text, path = load_corpus(cfg.data_file)
+    corpus = load_documents(cfg.data_file)
+    text, path = "".join(corpus.texts), corpus.source
     parts = play_domains(text)
     if len(parts) < 2:
         raise UserError(f"the corpus {path} has no speeches in the play layout (a paragraph "
@@ -130,7 +131,7 @@ def cmd_analyze(args) -> int:
 
     from himoe.analysis.heatmaps import domain_expert_heatmaps
     from himoe.checkpoint import atomic_write_text, load_model
-    from himoe.data.corpus import CharTokenizer
+    from himoe.data.tokenizer import tokenizer_for
 
     if args.max_tokens < 1:
         raise UserError(f"--max_tokens must be >= 1, got {args.max_tokens}")
@@ -144,7 +145,7 @@ def cmd_analyze(args) -> int:
     model, cfg, vocab, step = load_model(model_dir, device)
     if not model.moe_layers:
         raise UserError(f"{model_dir} is a dense model: it has no routing to analyse")
-    report = build_report(model, cfg, domain_texts(args, cfg), CharTokenizer(vocab),
+    report = build_report(model, cfg, domain_texts(args, cfg), tokenizer_for(cfg, vocab, model_dir),
                           args.max_tokens)
     report = {"model_dir": str(model_dir), "step": step} | report
     for d in report["domains"]:

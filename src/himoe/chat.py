@@ -152,7 +152,7 @@ def cmd_chat(args) -> int:
 
     from himoe.checkpoint import load_model
     from himoe.cli import check_generate_args
-    from himoe.data.corpus import CharTokenizer
+    from himoe.data.tokenizer import tokenizer_for
 
     args.num_samples = 1
     check_generate_args(args)
@@ -160,9 +160,10 @@ def cmd_chat(args) -> int:
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device "
                         "cpu or auto")
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
-    model, _, vocab, _ = load_model(Path(args.model_dir), device)
+    model, cfg, vocab, _ = load_model(Path(args.model_dir), device)
     model.eval()
-    return ChatSession(model, CharTokenizer(vocab), args).run(sys.stdin)
+    tokenizer = tokenizer_for(cfg, vocab, Path(args.model_dir))
+    return ChatSession(model, tokenizer, args).run(sys.stdin)
 
 
 def add_parser(sub) -> None:

@@ -9,6 +9,7 @@
                                                 "fc2.weight": [D, F], "fc2.bias": [D]}
     train_state.pt                   optimiser, schedule, RNG and data position (for --resume)
     metrics.jsonl                    one line per evaluation, up to the saved step
+    tokenizer.json                   --tokenizer bpe only: the byte-level BPE tokenizer
     manifest.json                    path, size and sha256 of every file above, and the step
 
 The `layer_LL_` prefix appears only when n_layer > 1, as the card lists. Group and expert
@@ -37,6 +38,7 @@ import torch
 
 from himoe import atomic_dir
 from himoe.config import HiMoEConfig
+from himoe.data.tokenizer import TOKENIZER_FILE
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.quantize import dequantize_state
@@ -313,6 +315,8 @@ def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
         if isinstance(obj, str):
             obj = obj.encode("utf-8")
         writers[name] = _bytes_writer(obj) if isinstance(obj, bytes) else _torch_writer(obj)
+    if model.cfg.tokenizer != "char" and TOKENIZER_FILE not in writers:
+        writers[TOKENIZER_FILE] = copy_writer(model_dir / TOKENIZER_FILE)  # swap, quantize
     writers[CONFIG_FILE] = _bytes_writer(config_bytes(model.cfg, vocab, step))
     try:
         note = atomic_dir.save(model_dir, writers, step)

@@ -10,12 +10,24 @@ import math
 import sys
 from pathlib import Path
 
-from himoe.config import DEVICES, DTYPES, MODEL_FIELDS, REG_FORMS, ROUTERS, HiMoEConfig
+from himoe.config import (
+    DEVICES,
+    DTYPES,
+    LOGGERS,
+    MODEL_FIELDS,
+    REG_FORMS,
+    ROUTERS,
+    TOKENIZERS,
+    HiMoEConfig,
+)
 from himoe.errors import UserError
 from himoe.presets import PRESETS, preset_values
 
 CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
-           "preset": tuple(PRESETS)}
+           "preset": tuple(PRESETS), "tokenizer": TOKENIZERS, "log": LOGGERS}
+# The BPE target size takes the natural flag; the config's vocab_size is what the trained
+# tokenizer has (the embedding's rows) and is never a flag.
+ALIASES = {"bpe_vocab_size": ["--vocab_size", "--vocab-size"]}
 HELP = {
     "n_embd": "embedding / hidden dimension", "n_layer": "number of Transformer layers",
     "n_head": "attention heads", "block_size": "context window (tokens)",
@@ -33,7 +45,14 @@ HELP = {
     "eval_interval": "evaluate and save every this many steps",
     "eval_iters": "validation batches per evaluation", "seed": "random seed",
     "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
-    "data_file": "training corpus, a UTF-8 text file (default: the shipped hamlet.txt)",
+    "data_file": "training corpus: a UTF-8 text file, a directory or a glob of them (default: "
+                 "the shipped hamlet.txt)",
+    "tokenizer": "char (one token per character, the card's) or bpe (byte-level BPE trained "
+                 "on the corpus, saved as tokenizer.json)",
+    "bpe_vocab_size": "--tokenizer bpe: target vocabulary size (the model gets the size the "
+                      "trained tokenizer has)",
+    "log": "tensorboard: write TensorBoard scalars (needs pip install 'himoe[tensorboard]')",
+    "log_dir": "TensorBoard directory (default: MODEL_DIR/tb)",
     "model_dir": "where the modular checkpoint goes", "sample_tokens": "length of sample.txt",
     "preset": "routing and losses of a source design (README: Presets); flags override it",
     "renormalize": "topk / group_limited: renormalise the kept weights to sum to 1",
@@ -82,7 +101,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(HiMoEConfig):
         if f.name in ("vocab_size", "group_experts"):  # set by the tokenizer, `experts add`
             continue
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = ALIASES.get(f.name, []) + [f"--{f.name}"] + (
+            [f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = getattr(defaults, f.name)
         parser.add_argument(*names, dest=f.name, type=_flag_type(default, f.name),
                             choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
@@ -93,6 +113,9 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
              if hasattr(args, f.name)}
     if not resume:
+        if "bpe_vocab_size" in given and given.get("tokenizer", "char") != "bpe":
+            raise UserError("--vocab_size sets the size of a BPE vocabulary; add --tokenizer bpe "
+                            "(a char vocabulary is the corpus's characters)")
         if "preset" in given:
             given = preset_values(given.pop("preset"), given)
         return dataclasses.replace(HiMoEConfig(), **given).validate()
@@ -152,7 +175,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from himoe.checkpoint import load_model
-    from himoe.data.corpus import CharTokenizer, show_chars
+    from himoe.data.corpus import show_chars
+    from himoe.data.tokenizer import tokenizer_for
 
     check_generate_args(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -162,7 +186,7 @@ def cmd_generate(args) -> int:
                                                  and torch.cuda.is_available()) else "cpu"
     model, cfg, vocab, _ = load_model(Path(args.model_dir), device)
     model.eval()
-    tok = CharTokenizer(vocab)
+    tok = tokenizer_for(cfg, vocab, Path(args.model_dir))
     # Characters the model never saw: refused by default (--unknown error), or dropped with
     # a note naming them (--unknown skip). The printed prompt is the one the model got.
     prompt, missing = tok.drop_unknown(args.prompt)
@@ -255,9 +279,10 @@ def build_parser() -> Parser:
                                 "`himoe bench --help` for its flags)")
     bench.set_defaults(func=cmd_bench)
 
-    from himoe import analyze_cli, chat, experts_cli  # own modules, one per command
+    from himoe import analyze_cli, chat, eval_cli, experts_cli  # own modules, one per command
     experts_cli.add_parser(sub)
     analyze_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     chat.add_parser(sub)
     return parser
 

@@ -18,6 +18,8 @@ ROUTERS = ("hierarchical", "grouped", "topk", "group_limited", "dense")
 REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZERS = ("char", "bpe")
+LOGGERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -54,7 +56,9 @@ class HiMoEConfig:
     # None: every group has num_experts. num_experts is then the largest group.
     group_experts: list[list[int]] | None = None
     preset: str = ""  # the --preset this configuration started from, if any
-    vocab_size: int = 0  # set from the tokenizer
+    vocab_size: int = 0  # set from the tokenizer: the rows of the embedding
+    tokenizer: str = "char"  # "char" (the card's) or "bpe" (byte-level, saved as tokenizer.json)
+    bpe_vocab_size: int = 2048  # BPE target size (flag --vocab_size); vocab_size is the result
     # --- training (the card's table) ---
     batch_size: int = 32
     max_iters: int = 3000
@@ -74,6 +78,8 @@ class HiMoEConfig:
     model_dir: str = "model"
     sample_tokens: int = 400
     compile: bool = False  # torch.compile the training forward (attention, norms, residuals)
+    log: str = "none"  # "tensorboard": scalars to log_dir (default MODEL_DIR/tb)
+    log_dir: str | None = None
 
     @property
     def ffn_hidden(self) -> int:
@@ -145,7 +151,8 @@ class HiMoEConfig:
             raise UserError(f"--intra_warmup must be >= 0, got {self.intra_warmup}")
         if self.group_experts is not None:
             self._validate_group_experts()
-        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS}
+        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
+                   "tokenizer": TOKENIZERS, "log": LOGGERS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} {getattr(self, name)!r} is not one of "
@@ -190,7 +197,7 @@ class HiMoEConfig:
 
 MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
                 "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "router",
-                "vocab_size", "group_experts")
+                "vocab_size", "group_experts", "tokenizer", "bpe_vocab_size")
 
 # Flags whose value only affects this process, never the saved model.
-RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile")
+RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile", "log", "log_dir")

@@ -17,13 +17,14 @@ def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
     """(model, cfg, vocab, step, val_ids, corpus path, device, dtype): a saved model and the
     validation split it was trained on, as trainer.evaluate wants them."""
     from himoe.checkpoint import load_model
+    from himoe.data.tokenizer import tokenizer_for
     from himoe.data.validation import validation_split
     from himoe.training.trainer import resolve_device
 
     model, cfg, vocab, step = load_model(Path(model_dir))
     cfg.device = device_flag
     device, dtype = resolve_device(cfg)
-    val, path, dropped = validation_split(cfg, vocab, data_file)
+    val, path, dropped = validation_split(cfg, tokenizer_for(cfg, vocab, model_dir), data_file)
     if dropped:
         print(f"himoe: note: skipped {dropped} characters of {path} that are outside the "
               "model's vocabulary", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from himoe import atomic_dir, checkpoint
 from himoe import manifest as mf
+from himoe.data.tokenizer import tokenizer_for
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 
@@ -69,7 +70,8 @@ def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
         if rel == checkpoint.TRAIN_STATE_FILE:
             train_state = obj
     try:
-        cfg, _, step = checkpoint.read_config_unlocked(model_dir)
+        cfg, vocab, step = checkpoint.read_config_unlocked(model_dir)
+        tokenizer_for(cfg, vocab, model_dir)  # a BPE model's tokenizer.json loads and fits
     except UserError as e:
         problems.append(str(e))
         return problems, ""

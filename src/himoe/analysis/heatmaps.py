@@ -8,16 +8,25 @@ from pathlib import Path
 from himoe.errors import UserError
 
 
-def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) -> list[Path]:
-    """One PNG per layer: rows are domains, columns experts (labelled group.expert), each cell
-    the share of the domain's assignments that went to the expert. Lines mark the groups."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), or None when matplotlib is
+    not installed."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError("the heatmaps need matplotlib: pip install matplotlib (or "
-                        "'himoe[plot]'), or pass --no_plots") from None
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) -> list[Path]:
+    """One PNG per layer: rows are domains, columns experts (labelled group.expert), each cell
+    the share of the domain's assignments that went to the expert. Lines mark the groups."""
+    plt = pyplot()
+    if plt is None:
+        raise UserError("the heatmaps need matplotlib: pip install matplotlib (or "
+                        "'himoe[plot]'), or pass --no_plots")
 
     paths = []
     for fig_layer in layers:

@@ -41,6 +41,8 @@ def load_corpus(path: str | Path | None) -> tuple[str, Path]:
 class CharTokenizer:
     """One token per character; the vocabulary is saved in config.json."""
 
+    kind = "char"
+
     def __init__(self, chars: list[str]):
         self.chars = list(chars)
         self.index = {c: i for i, c in enumerate(self.chars)}
@@ -52,6 +54,13 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.chars
+
+    def files(self) -> dict[str, str]:
+        return {}  # the vocabulary is config.json's "vocab"
 
     def unknown(self, text: str) -> list[str]:
         return sorted({c for c in text if c not in self.index})

@@ -7,17 +7,17 @@ from pathlib import Path
 import torch
 
 from himoe.config import HiMoEConfig
-from himoe.data.corpus import CharTokenizer, load_corpus, split_train_val
+from himoe.data.corpora import encode_documents, load_documents, split_documents
 
 
-def validation_split(cfg: HiMoEConfig, vocab: list[str],
-                     data_file: str | Path | None = None) -> tuple[torch.Tensor, Path, int]:
-    """(validation token ids, corpus path, characters dropped). The corpus is data_file, else
-    the one saved in config.json, else the shipped Hamlet. Characters the model does not
-    know are dropped (and counted) rather than refused: the figures stay meaningful."""
-    text, path = load_corpus(data_file if data_file is not None else cfg.data_file)
-    tok = CharTokenizer(vocab)
-    kept, missing = tok.drop_unknown(text)
-    ids = torch.tensor(tok.encode(kept), dtype=torch.long)
-    _, val = split_train_val(ids, cfg.block_size)
-    return val, path, len(text) - len(kept)
+def validation_split(cfg: HiMoEConfig, tokenizer,
+                     data_file: str | Path | None = None) -> tuple[torch.Tensor, str, int]:
+    """(validation token ids, corpus label, characters dropped). The corpus is data_file, else
+    the one saved in config.json, else the shipped Hamlet; it is split as training split it.
+    Characters a character-level model does not know are dropped (and counted) rather than
+    refused: the figures stay meaningful."""
+    corpus = load_documents(data_file if data_file is not None else cfg.data_file)
+    docs = encode_documents(corpus, tokenizer, drop_unknown=True)
+    dropped = sum(len(t) - len(tokenizer.drop_unknown(t)[0]) for t in corpus.texts)
+    _, val = split_documents(corpus, docs, cfg.block_size)
+    return val, corpus.source, dropped

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -20,8 +19,11 @@ from himoe import checkpoint
 from himoe.analysis.balance import load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
+from himoe.analysis.training_plots import training_plots
 from himoe.config import HiMoEConfig
-from himoe.data.corpus import CharTokenizer, get_batch, load_corpus, split_train_val
+from himoe.data.corpora import encode_documents, load_documents, split_documents
+from himoe.data.corpus import get_batch
+from himoe.data.tokenizer import tokenizer_for, train_tokenizer
 from himoe.distributed.plan import Discard, Parallel
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
@@ -30,6 +32,7 @@ from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
 from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
 
 def resolve_device(cfg: HiMoEConfig) -> tuple[torch.device, torch.dtype]:
@@ -191,23 +194,25 @@ class Trainer:
         # update, counted) instead of stopping the run.
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.device, self.dtype = resolve_device(cfg)
+        if cfg.log == "tensorboard":
+            require_tensorboard()  # refused before any work when the package is missing
         keep_freed_memory()
-        text, corpus_path = load_corpus(cfg.data_file)
-        self.corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        corpus = load_documents(cfg.data_file)
+        self.corpus_sha256 = corpus.sha256()
         checkpoint.check_model_dir_writable(self.model_dir)
         self.metrics_lines: list[str] = []  # metrics.jsonl, saved with each checkpoint
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
-            self.tokenizer = CharTokenizer(vocab)
-            missing = self.tokenizer.unknown(text)
+            self.tokenizer = tokenizer_for(saved_cfg, vocab, self.model_dir)
+            missing = sorted(set().union(*(self.tokenizer.unknown(t) for t in corpus.texts)))
             if missing:
-                raise UserError(f"corpus {corpus_path} has characters the saved model does not "
+                raise UserError(f"corpus {corpus.source} has characters the saved model does not "
                                 f"know: {''.join(missing)!r}; resume on the same corpus")
             self.model, _, _, _ = checkpoint.load_model(self.model_dir)
             cfg.vocab_size = saved_cfg.vocab_size
             self.metrics_lines = checkpoint.read_metrics(self.model_dir, self.step)
         else:
-            self.tokenizer = CharTokenizer.from_text(text)
+            self.tokenizer = train_tokenizer(cfg.tokenizer, corpus, cfg.bpe_vocab_size)
             cfg.vocab_size = self.tokenizer.vocab_size
             self.step = 0
             seed_everything(cfg.seed)  # the initial weights depend on the seed alone
@@ -217,8 +222,8 @@ class Trainer:
         self.model.cfg = cfg  # training flags may differ from the saved run's
         total, active = self.model.parameter_counts()  # of the whole model, before sharding
         parallel.place(self.model, self.device)
-        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        self.train_data, self.val_data = split_train_val(ids, cfg.block_size)
+        self.train_data, self.val_data = split_documents(
+            corpus, encode_documents(corpus, self.tokenizer), cfg.block_size)
         # The compiled forward shares the model's parameters; evaluation and sampling use
         # the plain model, so switching to eval mode triggers no recompilation.
         if train_only is not None:
@@ -236,7 +241,8 @@ class Trainer:
             seed_everything(cfg.seed + 1 + 1_000_003 * parallel.rank + self.step)
         self.saved_step = self.step if resume else None
         self.active_params, self.peak_flops = active, peak_flops(self.device)
-        self._print(f"corpus: {corpus_path} ({len(ids):,} tokens, vocabulary "
+        n_tokens = len(self.train_data) + len(self.val_data)
+        self._print(f"corpus: {corpus.label} ({n_tokens:,} tokens, vocabulary "
                     f"{self.tokenizer.vocab_size}); device {self.device}, "
                     f"{str(self.dtype).removeprefix('torch.')}")
         self._print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per "
@@ -281,9 +287,10 @@ class Trainer:
             self.saved_step = self.step
             return
         try:
-            checkpoint.save_model(model, self.tokenizer.chars, self.step, self.model_dir,
+            checkpoint.save_model(model, self.tokenizer.vocab, self.step, self.model_dir,
                                   extra={checkpoint.TRAIN_STATE_FILE: train_state,
-                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines)},
+                                         checkpoint.METRICS_FILE: "".join(self.metrics_lines),
+                                         **self.tokenizer.files()},
                                   keep=self.freezer.frozen_files if self.freezer else ())
         except BaseException:
             if getattr(self, "bar", None) is not None:
@@ -300,6 +307,9 @@ class Trainer:
         result = TrainResult(self.step, self.model_dir)
         tokens_per_step = cfg.batch_size * cfg.block_size
         model.train()
+        tb = None
+        if cfg.log == "tensorboard" and self.parallel.is_main:  # one writer under torchrun
+            tb = TensorBoardLog(Path(cfg.log_dir) if cfg.log_dir else self.model_dir / "tb")
         bar = self.bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train",
                               unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                               disable=not self.parallel.is_main)
@@ -332,6 +342,8 @@ class Trainer:
             self.step += 1
             window_steps += 1
             result.train_losses.append(loss_value)
+            if tb is not None:
+                tb.step(self.step, loss_value, lr)
             tok_s = window_steps * tokens_per_step / max(step_time, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             refresh=False)
@@ -349,12 +361,16 @@ class Trainer:
                           f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
                           file=self.out)
                 self.metrics_lines.append(json.dumps(ev) + "\n")
+                if tb is not None:
+                    tb.evaluation(ev)
                 self.save()
                 result.evals.append(ev)
                 step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
+        if tb is not None:
+            tb.close()
         result.step = self.step
         if self.step >= cfg.max_iters:
             self.finish(result.evals[-1])
@@ -387,9 +403,13 @@ class Trainer:
         if log is not None:
             self._print(f"routing of the first {len(log)} generated tokens written to "
                         f"{self.model_dir / 'routing_log.json'}")
+        if self.parallel.is_main:
+            pngs, note = training_plots(self.metrics_lines, last_eval, self.cfg.num_experts,
+                                        self.model_dir)
+            self._print(note or f"plots written to {', '.join(str(p) for p in pngs)}")
 
 
-def write_sample(model: HiMoEModel, tokenizer: CharTokenizer, cfg: HiMoEConfig,
+def write_sample(model: HiMoEModel, tokenizer, cfg: HiMoEConfig,
                  model_dir: Path, device, write: bool = True) -> tuple[str, list | None]:
     """sample.txt: sample_tokens tokens from a blank context; routing_log.json: the routing
     of the first 50 of them."""

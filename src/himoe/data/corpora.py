@@ -1,0 +1,220 @@
+"""Corpora of one or many documents: what --data_file names, the split, and tokenising.
+
+--data_file is a text file, a directory (every non-hidden file under it, sorted by path) or a
+glob (`plays/*.txt`). A one-file corpus keeps the card's contiguous split (first 90% of the
+tokens train, last 10% validate). A corpus of several files is split by document: evenly
+spaced whole files (about one in ten, in sorted order) go to validation, so no document is
+shared between the two sides.
+
+Tokenising a large corpus (>= CACHE_MIN_BYTES) shows a progress bar and caches the token ids
+in `.himoe-cache/` beside the corpus, keyed by the files' contents and the tokenizer. A
+read-only location simply goes without a cache.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from himoe.data.corpus import default_corpus_path, load_corpus, split_train_val
+from himoe.errors import UserError
+
+VAL_EVERY = 10  # about one document in ten validates
+CACHE_DIR = ".himoe-cache"
+CACHE_MIN_BYTES = 1 << 20  # smaller corpora tokenise in well under a second: no bar, no cache
+CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at once, so the bar moves
+# A newline followed by a non-space character ends a byte-level BPE pre-token, so cutting
+# there tokenises exactly like the whole text.
+_CUT = re.compile(r"\n(?=\S)")
+
+
+@dataclass
+class Corpus:
+    source: str  # what --data_file said (or the shipped Hamlet's path)
+    paths: list[Path]
+    texts: list[str]
+
+    @property
+    def label(self) -> str:
+        if len(self.paths) == 1:
+            return str(self.paths[0])
+        return f"{self.source} ({len(self.paths)} documents, {len(self.val_indices())} validate)"
+
+    def sha256(self) -> str:
+        """Identifies the corpus for --resume; a one-file corpus keeps its text's sha256."""
+        if len(self.texts) == 1:
+            return hashlib.sha256(self.texts[0].encode("utf-8")).hexdigest()
+        digest = hashlib.sha256()
+        for path, text in zip(self.paths, self.texts):
+            digest.update(f"{path.name}\0{_text_sha256(text)}\0".encode())
+        return digest.hexdigest()
+
+    def val_indices(self) -> list[int]:
+        """Evenly spaced documents, the last one included: deterministic, by sorted order."""
+        n = len(self.texts)
+        if n == 1:
+            return []
+        n_val = max(1, round(n / VAL_EVERY))
+        return sorted({(j + 1) * n // n_val - 1 for j in range(n_val)})
+
+    def tokenizer_texts(self) -> list[str]:
+        """The text a new tokenizer is fitted to: the training side only, so validation
+        stays unseen (a one-file corpus: its first 90% of characters)."""
+        if len(self.texts) == 1:
+            text = self.texts[0]
+            return [text[: len(text) - len(text) // 10]]
+        val = set(self.val_indices())
+        return [t for i, t in enumerate(self.texts) if i not in val]
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_paths(spec: str | Path | None) -> list[Path]:
+    """The files --data_file names, in a fixed order."""
+    if spec is None:
+        return [default_corpus_path()]
+    text = str(spec)
+    path = Path(text)
+    if not path.exists() and glob.has_magic(text):
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not found:
+            raise UserError(f"--data_file {text} matches no files; check the pattern (quote it "
+                            "so the shell does not expand it)")
+        return found
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+        if not found:
+            raise UserError(f"--data_file {text} is a directory without text files; put UTF-8 "
+                            "text files in it or pass a file")
+        return found
+    return [path]  # load_corpus explains a missing path
+
+
+def load_documents(spec: str | Path | None) -> Corpus:
+    """Every document of --data_file, read and checked (empty, binary, not UTF-8)."""
+    paths = resolve_paths(spec)
+    texts = [load_corpus(p)[0] for p in paths]
+    source = str(spec) if spec is not None else str(paths[0])
+    return Corpus(source, paths, texts)
+
+
+# --- tokenising, with a cache ---
+
+def _fingerprint(tok) -> str:
+    files = tok.files()
+    body = json.dumps(files, sort_keys=True) if files else json.dumps(tok.vocab)
+    return f"{tok.kind}\0{body}"
+
+
+def _cache_path(corpus: Corpus, tok, drop_unknown: bool) -> Path:
+    digest = hashlib.sha256(_fingerprint(tok).encode())
+    digest.update(f"\0drop={drop_unknown}".encode())
+    for text in corpus.texts:
+        digest.update(_text_sha256(text).encode())
+    parent = Path(os.path.commonpath([p.absolute().parent for p in corpus.paths]))
+    return parent / CACHE_DIR / f"tokens-{digest.hexdigest()[:32]}.npz"
+
+
+def _read_cache(path: Path, n_docs: int) -> list[torch.Tensor] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ids, lengths = data["ids"], data["lengths"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(lengths) != n_docs or int(lengths.sum()) != len(ids):
+        return None
+    parts = np.split(ids, np.cumsum(lengths)[:-1])
+    return [torch.from_numpy(part.astype(np.int64)) for part in parts]
+
+
+def _write_cache(path: Path, docs: list[torch.Tensor]) -> None:
+    """Atomic (temporary name, then rename); any failure just means no cache."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        # A directory marked read-only is left alone even where the user (root) could write.
+        if not path.parent.parent.stat().st_mode & stat.S_IWUSR:
+            return
+        path.parent.mkdir(exist_ok=True)
+        ids = torch.cat(docs).numpy().astype(np.int32)
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=ids, lengths=np.array([len(d) for d in docs], dtype=np.int64))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """text cut into pieces of about `size` characters, only where a cut changes no token."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(corpus: Corpus, tok, drop_unknown: bool = False) -> list[torch.Tensor]:
+    """Token ids of every document (characters outside a char vocabulary dropped when
+    drop_unknown), read from the cache when it has them."""
+    total = sum(len(t.encode("utf-8")) for t in corpus.texts)
+    large = total >= CACHE_MIN_BYTES
+    path = _cache_path(corpus, tok, drop_unknown) if large else None
+    if path is not None:
+        cached = _read_cache(path, len(corpus.texts))
+        if cached is not None:
+            return cached
+    docs = []
+    with tqdm(total=total, desc="tokenise", unit="B", unit_scale=True, disable=not large,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        for text in corpus.texts:
+            if drop_unknown:
+                text, _ = tok.drop_unknown(text)
+            ids: list[int] = []
+            for piece in chunks(text):
+                ids += tok.encode(piece)
+                bar.update(len(piece.encode("utf-8")))
+            docs.append(torch.tensor(ids, dtype=torch.long))
+    if path is not None:
+        _write_cache(path, docs)
+    return docs
+
+
+def split_documents(corpus: Corpus, docs: list[torch.Tensor], block_size: int):
+    """(train ids, validation ids): the card's contiguous split for one document, whole
+    documents to validation for several."""
+    if len(docs) == 1:
+        return split_train_val(docs[0], block_size)
+    val_idx = set(corpus.val_indices())
+    train = torch.cat([d for i, d in enumerate(docs) if i not in val_idx])
+    val = torch.cat([d for i, d in enumerate(docs) if i in val_idx])
+    need = block_size + 1
+    if len(train) < need or len(val) < need:
+        raise UserError(f"--data_file {corpus.source}: the training documents have "
+                        f"{len(train)} tokens and the validation ones {len(val)}, but each side "
+                        f"needs at least {need} for --block_size {block_size}; add text or use "
+                        "a smaller --block_size")
+    return train, val

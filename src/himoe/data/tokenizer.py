@@ -1,0 +1,130 @@
+"""The tokenizers a model can have, and `load_tokenizer(model_dir)` for every command.
+
+- "char" (the card's): one token per character; the vocabulary lives in config.json.
+- "bpe": byte-level BPE trained with the `tokenizers` library on the training documents and
+  saved as tokenizer.json (that library's own format, so Hugging Face tools read it as is).
+  Every byte is in its alphabet, so no text is ever refused.
+
+Both share one interface: vocab (the id-ordered token strings kept in config.json),
+vocab_size, encode, decode, unknown, drop_unknown, blank_token and files() (what the atomic
+save writes besides the weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from himoe.config import TOKENIZERS
+from himoe.data.corpus import CharTokenizer
+from himoe.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+END_OF_TEXT = "<|endoftext|>"  # the BPE vocabulary's one special token (for exports)
+BYTE_ALPHABET = 256
+
+
+class BPETokenizer:
+    """Byte-level BPE: a thin wrapper over tokenizers.Tokenizer with the char interface."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        by_id = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        self.vocab = [token for token, _ in by_id]
+        self.blank = tokenizer.encode("\n").ids[0]
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+        minimum = BYTE_ALPHABET + 1
+        if vocab_size < minimum:
+            raise UserError(f"--vocab_size {vocab_size} is too small for byte-level BPE: it "
+                            f"needs at least {minimum} (256 bytes + {END_OF_TEXT}); pass a "
+                            "larger one, e.g. 2048")
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        # The trainer breaks count ties by pair order, so the same texts give the same merges.
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_str(text))
+        except Exception as e:  # the library raises plain Exceptions for a malformed file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{source} is not a tokenizer file the tokenizers library can "
+                            f"read ({first}); restore it from the saved model") from None
+
+    def to_json(self) -> str:
+        return self.tok.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def unknown(self, text: str) -> list[str]:
+        return []  # every byte has a token
+
+    def drop_unknown(self, text: str) -> tuple[str, list[str]]:
+        return text, []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        # A token may hold part of a multi-byte character: decoded alone it shows as U+FFFD.
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def blank_token(self) -> int:
+        return self.blank
+
+    def files(self) -> dict[str, str]:
+        return {TOKENIZER_FILE: self.to_json()}
+
+
+def train_tokenizer(kind: str, corpus, bpe_vocab_size: int):
+    """A new tokenizer of `kind` for a corpus (himoe.data.corpora.Corpus). The character
+    vocabulary covers every document, as the card's does (validation text must encode);
+    BPE is fitted to the training side only."""
+    if kind == "char":
+        return CharTokenizer(sorted(set().union(*map(set, corpus.texts))))
+    if kind == "bpe":
+        return BPETokenizer.train(corpus.tokenizer_texts(), bpe_vocab_size)
+    raise UserError(f"--tokenizer {kind!r} is not one of {', '.join(TOKENIZERS)}")
+
+
+def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
+    """The tokenizer of a saved model whose config.json has been read (cfg, vocab)."""
+    if cfg.tokenizer == "char":
+        return CharTokenizer(vocab)
+    path = Path(model_dir) / TOKENIZER_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise UserError(f"{path} cannot be read ({reason}); a BPE model needs its "
+                        "tokenizer.json, restore it from the saved model") from None
+    tok = BPETokenizer.from_json(text, path)
+    if tok.vocab != list(vocab):
+        raise UserError(f"{path} does not match the vocabulary in config.json "
+                        f"({tok.vocab_size} against {len(vocab)} tokens); restore both from "
+                        "the same save")
+    return tok
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of the model saved in model_dir (config.json, and tokenizer.json for BPE)."""
+    from himoe.checkpoint import read_config
+
+    cfg, vocab, _ = read_config(Path(model_dir))
+    return tokenizer_for(cfg, vocab, Path(model_dir))

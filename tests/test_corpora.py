@@ -1,0 +1,127 @@
+"""--data_file as a file, directory or glob: the split by document and the token cache."""
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from himoe.data import corpora
+from himoe.data.corpora import encode_documents, load_documents, resolve_paths, split_documents
+from himoe.data.corpus import CharTokenizer, split_train_val
+from himoe.data.tokenizer import train_tokenizer
+from himoe.training.trainer import Trainer
+from tests.conftest import tiny_config
+from tests.test_bad_input import himoe
+
+PLAY = "First Citizen. Before we proceed any further, hear me speak.\nAll. Speak, speak.\n"
+
+
+def make_docs(root: Path, n: int) -> Path:
+    docs = root / "docs"
+    (docs / "sub").mkdir(parents=True)
+    for i in range(n):
+        where = docs / "sub" if i % 3 == 0 else docs
+        (where / f"play_{i:02d}.txt").write_text(f"[doc {i}]\n" + PLAY * (5 + i))
+    (docs / ".hidden.txt").write_text("not part of the corpus")
+    return docs
+
+
+def test_directory_and_glob_name_the_same_sorted_files(tmp_path):
+    docs = make_docs(tmp_path, 4)
+    in_dir = resolve_paths(docs)
+    assert [p.name for p in in_dir] == ["play_01.txt", "play_02.txt", "play_00.txt",
+                                        "play_03.txt"]  # sorted by path: docs/p.. < docs/sub/
+    assert resolve_paths(f"{docs}/**/*.txt") == sorted(in_dir)
+    assert resolve_paths(docs / "play_01.txt") == [docs / "play_01.txt"]
+
+
+@pytest.mark.parametrize("n, expected", [(2, [1]), (3, [2]), (10, [9]), (15, [6, 14]),
+                                         (40, [9, 19, 29, 39])])
+def test_validation_documents_are_evenly_spaced(n, expected):
+    corpus = corpora.Corpus("x", [Path(str(i)) for i in range(n)], ["a"] * n)
+    assert corpus.val_indices() == expected
+
+
+def test_split_keeps_whole_documents_apart(tmp_path):
+    corpus = load_documents(make_docs(tmp_path, 5))
+    tok = train_tokenizer("char", corpus, 0)
+    docs = encode_documents(corpus, tok)
+    train, val = split_documents(corpus, docs, 8)
+    assert corpus.val_indices() == [4]
+    assert torch.equal(val, docs[4]) and torch.equal(train, torch.cat(docs[:4]))
+    assert "[doc 3]" in tok.decode(val.tolist())  # sorted order: docs/sub/play_03 is last
+
+
+def test_single_file_keeps_the_contiguous_split(tmp_path):
+    (tmp_path / "c.txt").write_text(PLAY * 40)
+    corpus = load_documents(tmp_path / "c.txt")
+    tok = CharTokenizer.from_text(PLAY)
+    ids = torch.tensor(tok.encode(PLAY * 40))
+    got = split_documents(corpus, encode_documents(corpus, tok), 16)
+    want = split_train_val(ids, 16)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert corpus.sha256() == hashlib.sha256((PLAY * 40).encode()).hexdigest()
+
+
+def test_token_cache_is_written_once_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    corpus = load_documents(make_docs(tmp_path, 3))
+    tok = train_tokenizer("bpe", corpus, 300)
+    first = encode_documents(corpus, tok)
+    cached = list((tmp_path / "docs" / corpora.CACHE_DIR).glob("tokens-*.npz"))
+    assert len(cached) == 1
+    monkeypatch.setattr(type(tok), "encode", lambda self, text: pytest.fail("not cached"))
+    again = encode_documents(corpus, tok)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not list((tmp_path / "docs" / corpora.CACHE_DIR).glob(".*tmp*"))
+
+
+def test_unwritable_cache_location_falls_back_silently(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    (tmp_path / "c.txt").write_text(PLAY * 10)
+    (tmp_path / corpora.CACHE_DIR).write_text("a file where the cache directory would go")
+    corpus = load_documents(tmp_path / "c.txt")
+    tok = train_tokenizer("char", corpus, 0)
+    ids = encode_documents(corpus, tok)
+    assert tok.decode(ids[0].tolist()) == PLAY * 10
+    assert "cache" not in capsys.readouterr().err
+
+
+def test_train_on_a_directory_with_the_dashed_flag(tmp_path, capsys):
+    docs = make_docs(tmp_path, 4)
+    code, out, err = himoe(["train", "--data-file", docs, "--model-dir", tmp_path / "m",
+                            "--n_embd", "16", "--n_head", "2", "--block_size", "16",
+                            "--num_moes", "2", "--num_experts", "2", "--batch_size", "2",
+                            "--max_iters", "2", "--eval_iters", "1", "--sample_tokens", "4",
+                            "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "(4 documents, 1 validate)" in out
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert meta["config"]["data_file"] == str(docs)
+
+
+def test_resume_notes_a_changed_document(tmp_path):
+    docs = make_docs(tmp_path, 3)
+    cfg = dict(n_embd=16, block_size=16, num_moes=2, num_experts=2, batch_size=2, max_iters=2,
+               eval_interval=2, eval_iters=1, sample_tokens=4, data_file=str(docs),
+               model_dir=str(tmp_path / "m"))
+    Trainer(tiny_config(**cfg), out=io.StringIO()).train()
+    (docs / "play_01.txt").write_text(PLAY * 9)
+    out = io.StringIO()
+    Trainer(tiny_config(**(cfg | {"max_iters": 3})), resume=True, out=out).train()
+    assert "the corpus differs" in out.getvalue()
+
+
+def test_read_only_corpus_directory_gets_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    docs = make_docs(tmp_path, 3)
+    docs.chmod(0o555)  # marked read-only (respected even when the tests run as root)
+    try:
+        corpus = load_documents(docs)
+        ids = encode_documents(corpus, train_tokenizer("char", corpus, 0))
+    finally:
+        docs.chmod(0o755)
+    assert len(ids) == 3 and not (docs / corpora.CACHE_DIR).exists()
