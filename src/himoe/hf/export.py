@@ -1,7 +1,7 @@
 """`himoe export-hf`: a himoe model directory -> a directory that transformers loads.
 
     HFDIR/
-        config.json               HimoeConfig fields, model_type "himoe", auto_map -> the files below
+        config.json               HimoeConfig fields, model_type "himoe", auto_map (the .py files)
         configuration_himoe.py    the config class (remote code)
         modeling_himoe.py         the model in plain torch (remote code; never imports himoe)
         model.safetensors         fp32 weights under himoe's own names (int8 experts dequantised)
