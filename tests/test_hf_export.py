@@ -226,3 +226,17 @@ def test_cli_refuses_foreign_dirs_and_replaces_exports(tmp_path, capsys):
                           model_dir / "config.json"], capsys)
     assert_one_line_error(code, err, "is a file")
     assert not (tmp_path / "x").exists()
+
+
+def test_bad_tokenizer_files_stop_with_one_line(tmp_path, capsys):
+    model_dir = save(randomised(tiny_config(vocab_size=len(VOCAB))), tmp_path / "m")
+    (model_dir / "tokenizer.json").write_text("{not json")
+    argv = ["export-hf", "--model_dir", model_dir, "--out", tmp_path / "hf"]
+    code, _, err = himoe(argv, capsys)
+    assert_one_line_error(code, err, "not a valid tokenizers file")
+    (model_dir / "tokenizer.json").unlink()
+    meta = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(meta | {"tokenizer": "bpe"}))
+    code, _, err = himoe(argv, capsys)
+    assert_one_line_error(code, err, "tokenizer.json is missing")
+    assert not (tmp_path / "hf").exists()

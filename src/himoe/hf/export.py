@@ -23,6 +23,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from tqdm import tqdm
+
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.hf.tokenizer import TOKENIZER_FILE, model_tokenizer_json
@@ -96,11 +98,14 @@ def weights(model) -> dict:
             if k != "lm_head.weight" and not k.endswith(TRAINING_ONLY)}
 
 
-def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer: str) -> None:
+def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer: str,
+                 bar) -> None:
     from safetensors.torch import save_file
 
     tmp.mkdir()
+    bar.set_postfix_str(WEIGHTS_FILE)
     save_file(weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    bar.update()
     texts = {"config.json": hf_config(cfg, vocab),
              "generation_config.json": generation_config(cfg, vocab),
              "tokenizer_config.json": tokenizer_config(cfg)}
@@ -109,9 +114,11 @@ def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer
     (tmp / TOKENIZER_FILE).write_text(tokenizer, encoding="utf-8")
     for name in REMOTE_FILES:
         (tmp / name).write_bytes(resources.files("himoe.hf").joinpath(name).read_bytes())
+    bar.set_postfix_str("sync")
     for path in tmp.iterdir():  # durable before the rename makes the export visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    bar.update()
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -125,20 +132,26 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     """Write the export of model_dir to out; returns a summary for the command line."""
-    from himoe.checkpoint import load_model
+    from himoe.checkpoint import load_model, read_config
 
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     check_out(out, force)
-    model, cfg, vocab, step = load_model(model_dir)
+    cfg, vocab, _ = read_config(model_dir)  # bad input stops here, before the bar starts
     tokenizer = model_tokenizer_json(model_dir, vocab, cfg.vocab_size)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_export(tmp, model, cfg, vocab, tokenizer)
-        replace_dir(tmp, out)
-    finally:
+    # Three steps of similar length for a card-size model: read the expert files, write
+    # the weights, make them durable.
+    with tqdm(total=3, desc="export-hf", unit="step", leave=False) as bar:
+        bar.set_postfix_str("load")
+        model, cfg, vocab, step = load_model(model_dir)
+        bar.update()
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_export(tmp, model, cfg, vocab, tokenizer, bar)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(v.numel() for v in weights(model).values())
     return {"out": str(out), "step": step, "params": n_params, "router": cfg.router,
             "bytes": (out / WEIGHTS_FILE).stat().st_size,
