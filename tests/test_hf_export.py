@@ -225,6 +225,10 @@ def test_cli_refuses_foreign_dirs_and_replaces_exports(tmp_path, capsys):
     code, _, err = himoe(["export-hf", "--model_dir", model_dir, "--out",
                           model_dir / "config.json"], capsys)
     assert_one_line_error(code, err, "is a file")
+    code, _, err = himoe(["export-hf", "--model_dir", model_dir, "--out", tmp_path, "--force"],
+                         capsys)
+    assert_one_line_error(code, err, "would replace the model directory")
+    assert (model_dir / "config.json").is_file()
     assert not (tmp_path / "x").exists()
 
 

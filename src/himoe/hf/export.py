@@ -99,12 +99,14 @@ def weights(model) -> dict:
 
 
 def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer: str,
-                 bar) -> None:
+                 bar) -> int:
+    """Write every file of the export into tmp; returns the number of parameters."""
     from safetensors.torch import save_file
 
     tmp.mkdir()
     bar.set_postfix_str(WEIGHTS_FILE)
-    save_file(weights(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    tensors = weights(model)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     bar.update()
     texts = {"config.json": hf_config(cfg, vocab),
              "generation_config.json": generation_config(cfg, vocab),
@@ -119,6 +121,7 @@ def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     bar.update()
+    return sum(t.numel() for t in tensors.values())
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -126,7 +129,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old.exists():
+            os.rename(old, out)  # put the earlier export back
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -137,6 +145,9 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     check_out(out, force)
+    if model_dir.resolve() == out.resolve() or out.resolve() in model_dir.resolve().parents:
+        raise UserError(f"--out {out} would replace the model directory {model_dir}; pick a "
+                        "path outside it")
     cfg, vocab, _ = read_config(model_dir)  # bad input stops here, before the bar starts
     tokenizer = model_tokenizer_json(model_dir, vocab, cfg.vocab_size)
     # Three steps of similar length for a card-size model: read the expert files, write
@@ -148,11 +159,10 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            write_export(tmp, model, cfg, vocab, tokenizer, bar)
+            n_params = write_export(tmp, model, cfg, vocab, tokenizer, bar)
             replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    n_params = sum(v.numel() for v in weights(model).values())
     return {"out": str(out), "step": step, "params": n_params, "router": cfg.router,
             "bytes": (out / WEIGHTS_FILE).stat().st_size,
             "seconds": time.perf_counter() - start}
