@@ -284,6 +284,8 @@ def build_parser() -> Parser:
     analyze_cli.add_parser(sub)
     eval_cli.add_parser(sub)
     chat.add_parser(sub)
+    from himoe.hf import export as hf_export
+    hf_export.add_parser(sub)
     return parser
 
 

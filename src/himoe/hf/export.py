@@ -1,0 +1,188 @@
+"""`himoe export-hf`: a himoe model directory -> a directory that transformers loads.
+
+    HFDIR/
+        config.json               HimoeConfig fields, model_type "himoe", auto_map (the .py files)
+        configuration_himoe.py    the config class (remote code)
+        modeling_himoe.py         the model in plain torch (remote code; never imports himoe)
+        model.safetensors         fp32 weights under himoe's own names (int8 experts dequantised)
+        generation_config.json    bos_token_id: the blank token a prompt-less generate() starts from
+        tokenizer.json            the tokenizer (characters, or the model's own BPE file)
+        tokenizer_config.json     PreTrainedTokenizerFast over tokenizer.json
+
+AutoModelForCausalLM.from_pretrained(HFDIR, trust_remote_code=True) and
+AutoTokenizer.from_pretrained(HFDIR) load it. Writing it needs torch, safetensors and
+tokenizers, not transformers. HFDIR is written whole under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from himoe.config import HiMoEConfig
+from himoe.errors import UserError
+from himoe.hf.tokenizer import TOKENIZER_FILE, model_tokenizer_json
+
+REMOTE_FILES = ("configuration_himoe.py", "modeling_himoe.py")
+WEIGHTS_FILE = "model.safetensors"
+# In-memory state himoe keeps for training only: the grouped router's logit EMA corrects
+# its selection while training, never at inference.
+TRAINING_ONLY = ("router.logit_ema_E",)
+
+
+def hf_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
+    """config.json of the export: what HimoeConfig needs, and where transformers finds it."""
+    blank = vocab.index("\n") if "\n" in vocab else 0  # himoe's "blank context" token
+    return {
+        "architectures": ["HimoeForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_himoe.HimoeConfig",
+                     "AutoModelForCausalLM": "modeling_himoe.HimoeForCausalLM"},
+        "model_type": "himoe",
+        "vocab_size": cfg.vocab_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "block_size": cfg.block_size, "num_moes": cfg.num_moes,
+        "num_experts": cfg.num_experts, "top_k_groups": cfg.top_k_groups,
+        "top_k_experts": cfg.top_k_experts, "expert_hidden": cfg.ffn_hidden,
+        "router": cfg.router, "renormalize": cfg.renormalize, "router_temp": cfg.router_temp,
+        "capacity_factor": cfg.capacity_factor, "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": True, "bos_token_id": blank, "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def generation_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
+    # A prompt-less generate() starts from the blank token, as `himoe generate` does.
+    blank = vocab.index("\n") if "\n" in vocab else 0
+    return {"bos_token_id": blank}
+
+
+def tokenizer_config(cfg: HiMoEConfig) -> dict:
+    # No cleanup: it would remove spaces before punctuation, and the decoded text must be
+    # exactly what himoe decodes.
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+            "clean_up_tokenization_spaces": False}
+
+
+def is_export(path: Path) -> bool:
+    """A directory this command wrote before (so --out may replace it without --force)."""
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("model_type") == "himoe" and \
+        (path / "modeling_himoe.py").is_file()
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not is_export(out) and not force:
+        raise UserError(f"--out {out} is a non-empty directory that is not a himoe export; "
+                        "pick another path, or pass --force to replace it")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; pick a writable location")
+
+
+def weights(model) -> dict:
+    """The tensors of the export: every persistent tensor but the tied LM head (the
+    embedding is read in its place) and the training-only state."""
+    return {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()
+            if k != "lm_head.weight" and not k.endswith(TRAINING_ONLY)}
+
+
+def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer: str,
+                 bar) -> int:
+    """Write every file of the export into tmp; returns the number of parameters."""
+    from safetensors.torch import save_file
+
+    tmp.mkdir()
+    bar.set_postfix_str(WEIGHTS_FILE)
+    tensors = weights(model)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    bar.update()
+    texts = {"config.json": hf_config(cfg, vocab),
+             "generation_config.json": generation_config(cfg, vocab),
+             "tokenizer_config.json": tokenizer_config(cfg)}
+    for name, data in texts.items():
+        (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (tmp / TOKENIZER_FILE).write_text(tokenizer, encoding="utf-8")
+    for name in REMOTE_FILES:
+        (tmp / name).write_bytes(resources.files("himoe.hf").joinpath(name).read_bytes())
+    bar.set_postfix_str("sync")
+    for path in tmp.iterdir():  # durable before the rename makes the export visible
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    bar.update()
+    return sum(t.numel() for t in tensors.values())
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put tmp in out's place; an old out is moved aside first and deleted after."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old.exists():
+            os.rename(old, out)  # put the earlier export back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
+    """Write the export of model_dir to out; returns a summary for the command line."""
+    from himoe.checkpoint import load_model, read_config
+
+    start = time.perf_counter()
+    model_dir, out = Path(model_dir), Path(out)
+    check_out(out, force)
+    if model_dir.resolve() == out.resolve() or out.resolve() in model_dir.resolve().parents:
+        raise UserError(f"--out {out} would replace the model directory {model_dir}; pick a "
+                        "path outside it")
+    cfg, vocab, _ = read_config(model_dir)  # bad input stops here, before the bar starts
+    tokenizer = model_tokenizer_json(model_dir, vocab, cfg.vocab_size)
+    # Three steps of similar length for a card-size model: read the expert files, write
+    # the weights, make them durable.
+    with tqdm(total=3, desc="export-hf", unit="step", leave=False) as bar:
+        bar.set_postfix_str("load")
+        model, cfg, vocab, step = load_model(model_dir)
+        bar.update()
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            n_params = write_export(tmp, model, cfg, vocab, tokenizer, bar)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), "step": step, "params": n_params, "router": cfg.router,
+            "bytes": (out / WEIGHTS_FILE).stat().st_size,
+            "seconds": time.perf_counter() - start}
+
+
+def cmd_export_hf(args) -> int:
+    s = export_hf(Path(args.model_dir), Path(args.out), args.force)
+    print(f"exported {args.model_dir} (step {s['step']}, {s['router']} router, "
+          f"{s['params']:,} parameters) to {s['out']}: {WEIGHTS_FILE} {s['bytes']:,} bytes, "
+          f"{s['seconds']:.1f}s; load with AutoModelForCausalLM.from_pretrained("
+          f"{s['out']!r}, trust_remote_code=True)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export-hf", help="write a Hugging Face transformers model directory "
+                                         "(safetensors, remote code, tokenizer)")
+    p.add_argument("--model_dir", "--model-dir", default="model")
+    p.add_argument("--out", required=True, help="the directory to write (HFDIR)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it is a non-empty directory that is not an "
+                        "earlier export")
+    p.set_defaults(func=cmd_export_hf)
