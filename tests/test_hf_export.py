@@ -244,3 +244,20 @@ def test_bad_tokenizer_files_stop_with_one_line(tmp_path, capsys):
     code, _, err = himoe(argv, capsys)
     assert_one_line_error(code, err, "tokenizer.json is missing")
     assert not (tmp_path / "hf").exists()
+
+
+def test_ragged_groups_export_with_their_empty_slots_masked(transformers, tmp_path):
+    # After `himoe experts add` groups differ in size; the export must never route to the
+    # empty slots of the smaller groups.
+    sizes = [[2, 3, 3], [3, 2, 3]]  # tiny_config: 2 layers of 3 groups
+    cfg = tiny_config(vocab_size=len(VOCAB), num_experts=3, top_k_experts=2,
+                      group_experts=sizes)
+    ours = randomised(cfg, seed=5)
+    export_hf(save(ours, tmp_path / "m"), tmp_path / "hf")
+    hf = load_hf(transformers, tmp_path / "hf")
+    gen = torch.Generator().manual_seed(2)
+    idx_BT = torch.randint(len(VOCAB), (3, cfg.block_size), generator=gen)
+    with torch.no_grad():
+        want_BTV, _ = ours(idx_BT)
+        got_BTV = hf(idx_BT).logits
+    assert (got_BTV - want_BTV).abs().max() < 1e-4

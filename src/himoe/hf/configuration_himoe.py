@@ -21,7 +21,7 @@ class HimoeConfig(PretrainedConfig):
     def __init__(self, vocab_size=65, n_embd=256, n_layer=2, n_head=4, block_size=128,
                  num_moes=6, num_experts=8, top_k_groups=1, top_k_experts=1,
                  expert_hidden=1024, router="hierarchical", renormalize=False,
-                 router_temp=1.0, capacity_factor=0.0, layer_norm_eps=1e-5,
+                 router_temp=1.0, capacity_factor=0.0, group_experts=None, layer_norm_eps=1e-5,
                  tie_word_embeddings=True, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
         self.n_embd = n_embd
@@ -37,6 +37,7 @@ class HimoeConfig(PretrainedConfig):
         self.renormalize = renormalize  # topk / group_limited: kept weights sum to 1
         self.router_temp = router_temp  # grouped router's softmax temperature
         self.capacity_factor = capacity_factor  # 0: dropless
+        self.group_experts = group_experts  # per layer, each group's expert count, if they differ
         self.layer_norm_eps = layer_norm_eps
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

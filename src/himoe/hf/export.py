@@ -49,7 +49,8 @@ def hf_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
         "num_experts": cfg.num_experts, "top_k_groups": cfg.top_k_groups,
         "top_k_experts": cfg.top_k_experts, "expert_hidden": cfg.ffn_hidden,
         "router": cfg.router, "renormalize": cfg.renormalize, "router_temp": cfg.router_temp,
-        "capacity_factor": cfg.capacity_factor, "layer_norm_eps": 1e-5,
+        "capacity_factor": cfg.capacity_factor, "group_experts": cfg.group_experts,
+        "layer_norm_eps": 1e-5,
         "tie_word_embeddings": True, "bos_token_id": blank, "use_cache": True,
         "torch_dtype": "float32",
     }

@@ -28,7 +28,7 @@ class HierarchicalRouter(nn.Module):
     """Level 1 picks top_k_groups of N groups, each kept group's router picks top_k_experts
     of its M experts; combine weight p1[g] * p2[g, j]."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         self.config = config
         N, M, D = config.num_moes, config.num_experts, config.n_embd
@@ -36,6 +36,10 @@ class HierarchicalRouter(nn.Module):
         self.group_weight_NMD = nn.Parameter(torch.empty(N, M, D))
         self.register_buffer("group_bias_N", torch.zeros(N))
         self.register_buffer("expert_bias_E", torch.zeros(N * M))
+        # Groups of different sizes: the empty slots of smaller groups are never picked.
+        # (A plain list, not a buffer: from_pretrained leaves non-persistent buffers unset.)
+        self.sizes = config.group_experts[layer_idx] if config.group_experts else [M] * N
+        self.ragged = min(self.sizes) < M
 
     def forward(self, x_TD):
         cfg = self.config
@@ -45,6 +49,10 @@ class HierarchicalRouter(nn.Module):
         g_TG = (p1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
         p1_TG = p1_TN.gather(1, g_TG)
         logits2_TNM = (x32_TD @ self.group_weight_NMD.float().reshape(N * M, -1).t()).view(-1, N, M)
+        if self.ragged:
+            sizes_N1 = torch.tensor(self.sizes, device=x_TD.device)[:, None]
+            empty_NM = torch.arange(M, device=x_TD.device) >= sizes_N1
+            logits2_TNM = logits2_TNM.masked_fill(empty_NM, float("-inf"))
         p2_TGM = F.softmax(logits2_TNM.gather(1, g_TG.unsqueeze(-1).expand(-1, -1, M)), dim=-1)
         bias_TGM = self.expert_bias_E.view(N, M)[g_TG]
         j_TGJ = (p2_TGM + bias_TGM).topk(cfg.top_k_experts, dim=-1).indices
@@ -124,7 +132,7 @@ def apply_capacity(ids_TK, weights_TK, num_experts, capacity_factor):
     capacity = math.ceil(capacity_factor * flat_ids_S.numel() / num_experts)
     by_weight_S = flat_w_S.argsort(descending=True, stable=True)
     order_S = by_weight_S[flat_ids_S[by_weight_S].argsort(stable=True)]
-    counts_E = torch.bincount(flat_ids_S, minlength=num_experts)
+    counts_E = torch.bincount(flat_ids_S)
     rank_S = torch.arange(len(order_S), device=ids_TK.device) - (counts_E.cumsum(0) - counts_E)[
         flat_ids_S[order_S]]
     dropped_ids_S = flat_ids_S.clone()
@@ -157,10 +165,13 @@ class ExpertBank(nn.Module):
 
 
 class MoELayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
         self.config = config
-        self.router = ROUTERS[config.router](config)
+        self.router = (HierarchicalRouter(config, layer_idx) if config.router == "hierarchical"
+                       else ROUTERS[config.router](config))
+        sizes = config.group_experts[layer_idx] if config.group_experts else None
+        self.num_real_experts = sum(sizes) if sizes else config.num_moes * config.num_experts
         self.experts = ExpertBank(config)
 
     def forward(self, x_BTD):
@@ -168,8 +179,8 @@ class MoELayer(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         ids_TK, weights_TK = self.router(x_TD)
         if self.config.capacity_factor > 0:
-            ids_TK = apply_capacity(ids_TK, weights_TK, self.config.num_moes *
-                                    self.config.num_experts, self.config.capacity_factor)
+            ids_TK = apply_capacity(ids_TK, weights_TK, self.num_real_experts,
+                                    self.config.capacity_factor)
         return self.experts(x_TD, ids_TK, weights_TK).view(B, T, D)
 
 
@@ -212,7 +223,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.ffn = DenseFFN(config) if config.router == "dense" else MoELayer(config)
+        self.ffn = DenseFFN(config) if config.router == "dense" else MoELayer(config, layer_idx)
 
     def forward(self, x_BTD, mask_B1TS, past_key_values):
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD), mask_B1TS, past_key_values)
