@@ -129,6 +129,13 @@ def cmd_eval(args) -> int:
 
         written = write_task(corpus, Path(args.lm_eval_task))
         print(f"wrote the lm-evaluation-harness task {', '.join(str(p) for p in written)}")
+        # lm-eval scores each document from a prefix token; himoe's is its blank context.
+        task_dir = Path(args.lm_eval_task)
+        print(f"score the export (himoe export-hf --model_dir {model_dir} --out HFDIR) with:\n"
+              f"  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
+              f"pretrained=HFDIR,trust_remote_code=True,prefix_token_id="
+              f"{tokenizer.blank_token()} --include_path {task_dir} --tasks himoe_text "
+              "--device cpu --batch_size 1")
     return 0
 
 

@@ -36,9 +36,9 @@ WEIGHTS_FILE = "model.safetensors"
 TRAINING_ONLY = ("router.logit_ema_E",)
 
 
-def hf_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
-    """config.json of the export: what HimoeConfig needs, and where transformers finds it."""
-    blank = vocab.index("\n") if "\n" in vocab else 0  # himoe's "blank context" token
+def hf_config(cfg: HiMoEConfig, blank: int) -> dict:
+    """config.json of the export: what HimoeConfig needs, and where transformers finds it.
+    blank: himoe's "blank context" token (a newline), where generation starts."""
     return {
         "architectures": ["HimoeForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_himoe.HimoeConfig",
@@ -56,9 +56,8 @@ def hf_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
     }
 
 
-def generation_config(cfg: HiMoEConfig, vocab: list[str]) -> dict:
+def generation_config(blank: int) -> dict:
     # A prompt-less generate() starts from the blank token, as `himoe generate` does.
-    blank = vocab.index("\n") if "\n" in vocab else 0
     return {"bos_token_id": blank}
 
 
@@ -99,7 +98,7 @@ def weights(model) -> dict:
             if k != "lm_head.weight" and not k.endswith(TRAINING_ONLY)}
 
 
-def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer: str,
+def write_export(tmp: Path, model, cfg: HiMoEConfig, blank: int, tokenizer: str,
                  bar) -> int:
     """Write every file of the export into tmp; returns the number of parameters."""
     from safetensors.torch import save_file
@@ -109,8 +108,8 @@ def write_export(tmp: Path, model, cfg: HiMoEConfig, vocab: list[str], tokenizer
     tensors = weights(model)
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     bar.update()
-    texts = {"config.json": hf_config(cfg, vocab),
-             "generation_config.json": generation_config(cfg, vocab),
+    texts = {"config.json": hf_config(cfg, blank),
+             "generation_config.json": generation_config(blank),
              "tokenizer_config.json": tokenizer_config(cfg)}
     for name, data in texts.items():
         (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -142,6 +141,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
 def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     """Write the export of model_dir to out; returns a summary for the command line."""
     from himoe.checkpoint import load_model, read_config
+    from himoe.data.tokenizer import tokenizer_for
 
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -160,7 +160,8 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            n_params = write_export(tmp, model, cfg, vocab, tokenizer, bar)
+            blank = tokenizer_for(cfg, vocab, model_dir).blank_token()
+            n_params = write_export(tmp, model, cfg, blank, tokenizer, bar)
             replace_dir(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
