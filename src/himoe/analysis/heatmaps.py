@@ -25,8 +25,8 @@ def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) 
     the share of the domain's assignments that went to the expert. Lines mark the groups."""
     plt = pyplot()
     if plt is None:
-        raise UserError("the heatmaps need matplotlib: pip install matplotlib (or "
-                        "'himoe[plot]'), or pass --no_plots")
+        raise UserError("the heatmaps need matplotlib, which himoe installs; reinstall it "
+                        "with `pip install matplotlib`, or pass --no_plots")
 
     paths = []
     for fig_layer in layers:
