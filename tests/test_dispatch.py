@@ -21,8 +21,9 @@ def naive_experts(bank: ExpertBank, x_TD, ids_TK, weights_TK):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_dispatch_matches_per_token_reference_forward_and_backward(k):
+@pytest.mark.parametrize("k, drop_rate", [(1, 0.0), (3, 0.0), (1, 0.3), (2, 0.3)])
+def test_dispatch_matches_per_token_reference_forward_and_backward(k, drop_rate):
+    """Dropped slots (id -1, over capacity) add nothing and pass no gradient."""
     torch.manual_seed(0)
     E, D, T = 6, 16, 40
     bank = ExpertBank(E, D, 32, n_layer=1)
@@ -31,9 +32,10 @@ def test_dispatch_matches_per_token_reference_forward_and_backward(k):
         bank.b2_ED.normal_()
     x = torch.randn(T, D, requires_grad=True)
     ids = torch.stack([torch.randperm(E - 1)[:k] for _ in range(T)])  # expert E-1 idle
+    drop = torch.rand(T, k) < drop_rate
     weights = torch.rand(T, k, requires_grad=True)
-    out = bank(x, ids, weights)
-    ref = naive_experts(bank, x, ids, weights)
+    out = bank(x, ids.masked_fill(drop, -1), weights, n_dropped=int(drop.sum()))
+    ref = naive_experts(bank, x, ids, weights * ~drop)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, weights, *bank.parameters()], grad_out)
@@ -41,6 +43,7 @@ def test_dispatch_matches_per_token_reference_forward_and_backward(k):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert torch.all(got[2][E - 1] == 0)  # the idle expert's w1 gradient: zero, not none
+    assert torch.all(got[1][drop] == 0)  # a dropped slot's weight gets no gradient
 
 
 def test_grouped_mm_path_equals_the_loop_forward_and_backward():

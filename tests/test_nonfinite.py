@@ -34,8 +34,8 @@ def poison(monkeypatch, where: str) -> None:
     else:
         clip = plan_module.clip_grad_norm
 
-        def inf_clip(params, max_norm):
-            norm = clip(params, max_norm)
+        def inf_clip(params, max_norm, optimizer=None):
+            norm = clip(params, max_norm, optimizer)
             calls["n"] += 1
             return torch.tensor(math.inf) if calls["n"] == BAD_STEP else norm
 

@@ -91,17 +91,47 @@ def test_mfu_counts_six_flops_per_active_parameter():
 
 
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # under and over the limit
-def test_clip_grad_norm_equals_the_library_call(scale):
+def test_clip_grad_norm_is_exact_and_clips_as_the_library_does(scale):
     from himoe.training.optim import clip_grad_norm
 
     torch.manual_seed(0)
-    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
-    b = [p.detach().clone().requires_grad_() for p in a]
-    for p, q in zip(a, b):
+    a = [torch.randn(64, 300, requires_grad=True), torch.randn(7, requires_grad=True),
+         torch.randn(2, 3, 40, requires_grad=True)]
+    for p in a:
         p.grad = torch.randn_like(p) * scale
-        q.grad = p.grad.clone()
-    n1 = clip_grad_norm(a, 1.0)
-    n2 = torch.nn.utils.clip_grad_norm_(b, 1.0)
-    assert torch.equal(n1, n2)
-    for p, q in zip(a, b):
-        assert torch.equal(p.grad, q.grad)
+    before = [p.grad.clone() for p in a]
+    exact = torch.cat([g.double().reshape(-1) for g in before]).norm()
+    norm = clip_grad_norm(a, 1.0)
+    assert abs(norm.item() - exact.item()) <= 1e-6 * exact.item()
+    coef = min(1.0, 1.0 / (norm.item() + 1e-6))
+    for p, g in zip(a, before):
+        if coef == 1.0:
+            assert torch.equal(p.grad, g)  # under the limit the gradients are untouched
+        else:
+            torch.testing.assert_close(p.grad, g * coef, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])
+def test_clip_left_to_the_fused_step_equals_clip_then_step(scale):
+    """Over the limit, the fused AdamW divides the gradients itself: the same update as
+    clip_grad_norm_ then step, and the next step is not clipped again."""
+    from himoe.training.optim import clip_grad_norm
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(9))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = torch.optim.AdamW(a, lr=0.1, fused=True)
+    opt_b = torch.optim.AdamW(b, lr=0.1, fused=True)
+    for step in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p) * scale * (step + 1)
+            q.grad = p.grad.clone()
+        n1 = clip_grad_norm(a, 1.0, opt_a)
+        assert (getattr(opt_a, "grad_scale", None) is not None) == (scale > 1)  # only to clip
+        opt_a.step()
+        opt_a.grad_scale = None  # as train_step does
+        n2 = torch.nn.utils.clip_grad_norm_(b, 1.0)
+        opt_b.step()
+        torch.testing.assert_close(n1, n2)
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -18,7 +18,8 @@ from torch.distributed.nn.functional import all_to_all_single
 
 from himoe.distributed.collectives import gather_rows
 from himoe.model import HiMoEModel
-from himoe.model.experts import ExpertBank, combine, sort_assignments
+from himoe.model.dispatch import Dispatch
+from himoe.model.experts import ExpertBank
 
 # torch >= 2.6 marks this autograd all-to-all as deprecated in favour of a private module;
 # it is the public, differentiable one, so it is used here and its warning silenced.
@@ -44,7 +45,8 @@ class ExpertParallelBank(ExpertBank):
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 n_dropped: int = 0) -> torch.Tensor:
         W, L = self.world, self.num_local
-        order_S, counts_E = sort_assignments(ids_TK, n_dropped, self.num_experts)
+        plan = Dispatch(ids_TK, n_dropped, self.num_experts)
+        counts_E = plan.counts_E
         # Counts first: recv_counts_WL[r, e] = rows rank r sends to our local expert e.
         recv_counts_WL = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts_WL, counts_E)
@@ -52,7 +54,7 @@ class ExpertParallelBank(ExpertBank):
         send_splits = counts_E.view(W, L).sum(1).tolist()  # sorted by expert = by rank
         recv_splits = recv_counts_WL.sum(1).tolist()
         dtype = self.compute_dtype(x_TD.device.type)  # send in the compute dtype
-        x_SD = x_TD[order_S // ids_TK.shape[1]].to(dtype)
+        x_SD = plan.sort(x_TD).to(dtype)
         x_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[1]), x_SD,
                                  recv_splits, send_splits)
         # Rows arrive rank by rank, each sorted by expert; regroup them expert by expert.
@@ -62,9 +64,9 @@ class ExpertParallelBank(ExpertBank):
         by_expert_R = local_R.argsort(stable=True)
         y_RD = self.run_experts(x_RD[by_expert_R], recv_counts_WL.sum(0))
         y_RD = y_RD[by_expert_R.argsort()]  # back to arrival order
-        y_SD = all_to_all_single(y_RD.new_empty(len(order_S), y_RD.shape[1]), y_RD,
+        y_SD = all_to_all_single(y_RD.new_empty(len(plan.order_S), y_RD.shape[1]), y_RD,
                                  send_splits, recv_splits)
-        return combine(y_SD, order_S, ids_TK, weights_TK, x_TD)
+        return plan.combine(y_SD, weights_TK, x_TD.dtype)
 
 
 def shard_experts(model: HiMoEModel, rank: int, world: int) -> None:

@@ -33,7 +33,7 @@ from himoe.distributed import expert_parallel, sharded
 from himoe.distributed.collectives import gather_rows, mean_over_ranks, sum_over_ranks_
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.training.optim import clip_grad_norm
+from himoe.training.optim import clip_grad_norm, scale_gradients, squared_norm
 
 MODES = ("single", "ddp", "fsdp", "expert_parallel")
 
@@ -152,18 +152,20 @@ class Parallel:
         torch._foreach_copy_(grads, [part.view_as(g) for part, g in
                                      zip(flat.split([g.numel() for g in grads]), grads)])
 
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """The global gradient norm, clipped as clip_grad_norm_ does, equal on every rank."""
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float,
+                       optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """The global gradient norm, clipped as clip_grad_norm_ does, equal on every rank;
+        with a fused optimizer the scaling may be left to its next step (clip_in_step)."""
         if self.mode == "fsdp":  # DTensor gradients: the library call reduces over shards
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.mode != "expert_parallel":  # gradients are already equal on every rank
-            return clip_grad_norm(params, max_norm)
+            return clip_grad_norm(params, max_norm, optimizer)
         # Replicated gradients count once; each expert lives on one rank: sum their squares.
         rep_sq = squared_norm([p.grad for p in self._replicated])
         norm = (rep_sq + sum_over_ranks_(squared_norm([p.grad for p in self._experts]))).sqrt()
         if norm > max_norm:
-            torch._foreach_mul_([p.grad for p in params], max_norm / (norm + 1e-6))
+            scale_gradients([p.grad for p in params], norm, max_norm, optimizer)
         return norm
 
     def sync_balance_counts(self, model: HiMoEModel) -> None:
@@ -230,10 +232,3 @@ class Parallel:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-
-def squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    if not grads:
-        return torch.zeros(())
-    return torch.stack(torch._foreach_norm(grads)).square().sum()
-

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from himoe.model.dispatch import Dispatch
+
 
 @functools.cache
 def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
@@ -111,9 +113,9 @@ class ExpertBank(nn.Module):
         """y[t] = sum_k weights[t, k] * expert_{ids[t, k]}(x[t]). n_dropped assignments have
         id -1 (over a capacity limit): they add nothing, the residual carries x. Passing the
         count in, rather than looking for -1 here, keeps dropless runs free of a host sync."""
-        order_S, counts_E = sort_assignments(ids_TK, n_dropped, self.num_experts)
-        y_SD = self.run_experts(x_TD[order_S // ids_TK.shape[1]], counts_E)
-        return combine(y_SD, order_S, ids_TK, weights_TK, x_TD)
+        plan = Dispatch(ids_TK, n_dropped, self.num_experts)
+        y_SD = self.run_experts(plan.sort(x_TD), plan.counts_E)
+        return plan.combine(y_SD, weights_TK, x_TD.dtype)
 
     def compute_dtype(self, device: str) -> torch.dtype:
         # grouped_mm is not covered by autocast, so cast to the autocast dtype ourselves.
@@ -132,25 +134,6 @@ class ExpertBank(nn.Module):
                               counts_E, splits, use_gmm)
         return segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
                               counts_E, splits, use_gmm)
-
-
-def sort_assignments(ids_TK: torch.Tensor, n_dropped: int, num_experts: int):
-    """(order_S, counts_E): the kept assignments (flat index t * K + k) sorted by expert,
-    token order kept within each expert, and how many each expert got."""
-    order_S = ids_TK.reshape(-1).argsort(stable=True)[n_dropped:]  # -1 sorts first
-    counts_E = torch.bincount(ids_TK.reshape(-1)[order_S], minlength=num_experts)
-    return order_S, counts_E
-
-
-def combine(y_SD: torch.Tensor, order_S: torch.Tensor, ids_TK: torch.Tensor,
-            weights_TK: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
-    """Scale each expert output by its combine weight, put it back in (token, slot) order
-    and sum over the k slots: a fixed summation order, unlike index_add_, whose parallel
-    accumulation varies between runs when k > 1."""
-    y_SD = y_SD * weights_TK.reshape(-1)[order_S, None]
-    y_SkD = x_TD.new_zeros(ids_TK.numel(), x_TD.shape[1])  # dropped slots stay zero
-    y_SkD[order_S] = y_SD.to(x_TD.dtype)
-    return y_SkD.view(*ids_TK.shape, -1).sum(1)
 
 
 class DenseFFN(nn.Module):

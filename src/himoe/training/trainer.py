@@ -126,13 +126,16 @@ def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
     the step is split into micro-batches and ranks (default: one process, one batch)."""
     parallel = parallel or Parallel()
     loss = parallel.forward_backward(forward or model, x_BT, y_BT)
-    norm = parallel.clip_grad_norm(params, model.cfg.grad_clip)
-    # A non-finite loss or gradient norm must never reach the weights or AdamW's moments.
-    # One host sync; the caller reads the loss every step anyway.
-    if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteStep(loss.item(), float(norm))
-    optimizer.step()
+    norm = parallel.clip_grad_norm(params, model.cfg.grad_clip, optimizer)
+    try:
+        # A non-finite loss or gradient norm must never reach the weights or AdamW's
+        # moments. One host sync; the caller reads the loss every step anyway.
+        if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep(loss.item(), float(norm))
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = None  # a clip left to this step (clip_in_step) applies once
     optimizer.zero_grad(set_to_none=True)
     if model.cfg.bias_update_rate:
         parallel.sync_balance_counts(model)
