@@ -33,13 +33,13 @@ import torch
 from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus
 from himoe.errors import UserError
-from himoe.model import HiMoEModel
+from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import build_optimizer
-from himoe.training.trainer import train_step
+from himoe.training.trainer import autocast, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("card", "grouped", "generate", "memory")
+SECTIONS = ("card", "grouped", "generate", "memory", "layer", "gpu")
 SECTION_ALIASES = {"a": "card", "b": "grouped", "c": "generate", "d": "memory"}
 # Hi-MoE's grouped routing: top-1 in each of the 6 groups, with the paper's regularisers.
 GROUPED = dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
@@ -48,6 +48,9 @@ GROUPED = dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001
 SMOKE_SIZES = dict(n_embd=32, n_head=2, block_size=16, batch_size=4)
 SMOKE_GEN_TOKENS = 24  # more than block_size, so the context-window restart runs too
 CARD_GEN_TOKENS = 400  # the card's sample.txt
+# The MoE layer alone against the dense FFN, forward and backward: tokens per call. On a GPU
+# the sizes of BENCHMARKS.md in bf16; on a CPU one size in fp32, to keep the run short.
+LAYER_TOKENS = {"cuda": (8192, 16384, 32768, 65536), "cpu": (8192,), "smoke": (64,)}
 TARGETS = {"card": 0.85, "grouped": 0.23, "generate": 5.0, "memory_mb": 2000.0}
 MISSING_ROUTER_ERRORS = (UserError, TypeError, ValueError)
 
@@ -106,8 +109,8 @@ def hamlet() -> tuple[torch.Tensor, CharTokenizer]:
 def card_config(vocab_size: int, settings: Settings, **overrides) -> HiMoEConfig:
     """The card's defaults (dropout 0.1 included) at the given router; raises if this
     himoe does not know one of the overrides yet."""
-    return HiMoEConfig(vocab_size=vocab_size, device="cpu", **settings.sizes,
-                       **overrides).validate()
+    return HiMoEConfig(vocab_size=vocab_size, **{"device": "cpu", **settings.sizes,
+                                                  **overrides}).validate()
 
 
 def build(cfg: HiMoEConfig, seed: int = 1337) -> HiMoEModel:
@@ -124,15 +127,21 @@ def sample_batches(data: torch.Tensor, cfg: HiMoEConfig, n: int, seed: int):
 class TrainSide:
     """A model and its training optimiser; times whole training steps."""
 
-    def __init__(self, model: HiMoEModel):
-        self.model = model.train()
+    def __init__(self, model: HiMoEModel, device: str = "cpu"):
+        self.model = model.to(device).train()
         self.cfg = model.cfg
+        self.device = torch.device(device)
+        # As `himoe train` does: bf16 autocast on CUDA, fp32 on the CPU.
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.optimizer = build_optimizer(model, model.cfg)
         self.params = list(model.parameters())
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
-        """Trainer.train's own step function (the batch is sampled beforehand, untimed)."""
-        return train_step(self.model, self.optimizer, self.params, x_BT, y_BT).item()
+        """Trainer.train's own step function (the batch is sampled beforehand, untimed).
+        .item() waits for the device, so a GPU step is timed whole."""
+        with autocast(self.device, self.dtype):
+            return train_step(self.model, self.optimizer, self.params, x_BT.to(self.device),
+                              y_BT.to(self.device)).item()
 
     def tokens_per_s(self, batches) -> float:
         t0 = time.perf_counter()
@@ -153,9 +162,9 @@ def alternate(side_a: Callable[[int], float], side_b: Callable[[int], float],
 
 
 def compare_training(variant: HiMoEModel, dense: HiMoEModel, data: torch.Tensor,
-                     settings: Settings) -> tuple[list[float], list[float]]:
+                     settings: Settings, device: str = "cpu") -> tuple[list[float], list[float]]:
     """Tokens/s of each side per repeat, after `warmup` untimed steps each."""
-    a, b = TrainSide(variant), TrainSide(dense)
+    a, b = TrainSide(variant, device), TrainSide(dense, device)
     warm = sample_batches(data, a.cfg, settings.warmup, seed=0)
     for side in (a, b):
         side.tokens_per_s(warm)
@@ -193,6 +202,66 @@ def bench_grouped(data, vocab_size, settings: Settings) -> Row:
     dense = build(card_config(vocab_size, settings, router="dense"))
     rates_v, rates_d = compare_training(grouped, dense, data, settings)
     return training_row(name, "grouped", rates_v, rates_d)
+
+
+def bench_gpu(data, vocab_size, settings: Settings) -> Row:
+    """The card's training on a GPU in bf16 against its dense-equivalent, when one is here."""
+    name = "card training on a GPU (bf16) vs dense-equivalent"
+    if not torch.cuda.is_available():
+        return Row(name, "not run: no CUDA device on this machine")
+    card = build(card_config(vocab_size, settings, device="cuda"))
+    dense = build(card_config(vocab_size, settings, device="cuda", router="dense"))
+    rates_v, rates_d = compare_training(card, dense, data, settings, device="cuda")
+    ratios = [v / d for v, d in zip(rates_v, rates_d)]
+    return Row(f"{name} ({torch.cuda.get_device_name()})", rate_cell(rates_v, "tok/s"),
+               rate_cell(rates_d, "tok/s"), ratio_cell(ratios))
+
+
+# --- one MoE layer against one dense FFN ---
+def bench_layer(settings: Settings) -> list[Row]:
+    """Forward and backward of the card's MoE layer (fresh routers, so tokens spread over
+    the experts) against the dense-equivalent FFN, at LAYER_TOKENS tokens per call."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = card_config(256, settings, device=device)
+    torch.manual_seed(0)
+    modules = {"moe": MoELayer(cfg).to(device), "dense": DenseFFN(
+        cfg.n_embd, cfg.ffn_hidden, cfg.n_layer).to(device)}
+    return [layer_row(modules, n, cfg.block_size, cfg.n_embd, device, dtype, settings)
+            for n in LAYER_TOKENS["smoke" if settings.smoke else device]]
+
+
+def layer_row(modules: dict, n: int, block_size: int, n_embd: int, device: str,
+              dtype: torch.dtype, settings: Settings) -> Row:
+    x_BTD = torch.randn(n // block_size, block_size, n_embd, device=device, requires_grad=True)
+    grad_BTD = torch.randn_like(x_BTD)
+
+    def side(module: torch.nn.Module) -> Callable[[int], float]:
+        def run(_: int) -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(settings.steps):
+                with torch.autocast(device, dtype, enabled=dtype != torch.float32):
+                    y_BTD = module(x_BTD)
+                y_BTD.backward(grad_BTD.to(y_BTD.dtype))
+                module.zero_grad(set_to_none=True)
+                x_BTD.grad = None
+            sync(device)
+            return settings.steps * n / (time.perf_counter() - t0)
+        return run
+
+    for module in modules.values():  # warm-up, untimed
+        side(module)(0)
+    rates_m, rates_d = alternate(side(modules["moe"]), side(modules["dense"]), settings.repeats)
+    ratios = [m / d for m, d in zip(rates_m, rates_d)]
+    return Row(f"MoE layer forward+backward, {n:,} tokens, {device} "
+               f"{str(dtype).removeprefix('torch.')} vs dense-equivalent FFN",
+               rate_cell(rates_m, "tok/s"), rate_cell(rates_d, "tok/s"), ratio_cell(ratios))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # --- generation ---
@@ -371,13 +440,16 @@ def run_sections(names: list[str], settings: Settings) -> list[Row]:
     runners = {"card": lambda: bench_card(data, tok.vocab_size, settings),
                "grouped": lambda: bench_grouped(data, tok.vocab_size, settings),
                "generate": lambda: bench_generate(tok, settings),
-               "memory": lambda: bench_memory(settings)}
+               "memory": lambda: bench_memory(settings),
+               "layer": lambda: bench_layer(settings),
+               "gpu": lambda: bench_gpu(data, tok.vocab_size, settings)}
     rows = []
     for name in SECTIONS:
         if name in names:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            rows.append(runners[name]())
+            got = runners[name]()
+            rows.extend(got if isinstance(got, list) else [got])
             gc.collect()  # free one section's models before the next is built
             # Shown as each section ends, so a run cut short still tells what it measured.
             print(f"bench: {name} took {time.perf_counter() - t0:.0f} s: "
