@@ -33,7 +33,7 @@ from himoe.distributed import expert_parallel, sharded
 from himoe.distributed.collectives import gather_rows, mean_over_ranks, sum_over_ranks_
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.training.optim import clip_grad_norm, scale_gradients, squared_norm
+from himoe.training.optim import clip_grad_norm, grad_norm, scale_gradients
 
 MODES = ("single", "ddp", "fsdp", "expert_parallel")
 
@@ -155,15 +155,16 @@ class Parallel:
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float,
                        optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
         """The global gradient norm, clipped as clip_grad_norm_ does, equal on every rank;
-        with a fused optimizer the scaling may be left to its next step (clip_in_step)."""
+        with a fused optimizer the scaling may be left to its next step (scale_gradients)."""
         if self.mode == "fsdp":  # DTensor gradients: the library call reduces over shards
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.mode != "expert_parallel":  # gradients are already equal on every rank
             return clip_grad_norm(params, max_norm, optimizer)
         # Replicated gradients count once; each expert lives on one rank: sum their squares.
-        rep_sq = squared_norm([p.grad for p in self._replicated])
-        norm = (rep_sq + sum_over_ranks_(squared_norm([p.grad for p in self._experts]))).sqrt()
+        rep_sq = grad_norm([p.grad for p in self._replicated]).square()
+        expert_sq = grad_norm([p.grad for p in self._experts]).square()
+        norm = (rep_sq + sum_over_ranks_(expert_sq)).sqrt()
         if norm > max_norm:
             scale_gradients([p.grad for p in params], norm, max_norm, optimizer)
         return norm

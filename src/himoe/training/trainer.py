@@ -135,7 +135,7 @@ def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
             raise NonFiniteStep(loss.item(), float(norm))
         optimizer.step()
     finally:
-        optimizer.grad_scale = None  # a clip left to this step (clip_in_step) applies once
+        optimizer.grad_scale = None  # a clip left to this step (scale_gradients): once
     optimizer.zero_grad(set_to_none=True)
     if model.cfg.bias_update_rate:
         parallel.sync_balance_counts(model)
