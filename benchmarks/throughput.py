@@ -36,7 +36,7 @@ from himoe.errors import UserError
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import build_optimizer
-from himoe.training.trainer import autocast, train_step
+from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("card", "grouped", "generate", "memory", "layer", "gpu")
@@ -135,6 +135,7 @@ class TrainSide:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.optimizer = build_optimizer(model, model.cfg)
         self.params = list(model.parameters())
+        write_expert_grads_in_place(model)  # as `himoe train` does in one process
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
         """Trainer.train's own step function (the batch is sampled beforehand, untimed).

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from himoe.model.dispatch import Dispatch
+from himoe.model.grad_sink import GradSink
 
 
 @functools.cache
@@ -40,12 +41,13 @@ class _SegmentLinear(torch.autograd.Function):
     """y = x @ w[e] + b[e] over each expert's rows, one addmm per expert (bias fused, as a
     dense nn.Linear does). The CPU path: grouped_mm there is itself a loop of matmuls, and
     its backward is ~2.5x slower than writing each expert's weight gradient with torch.mm
-    into one preallocated tensor, as done here. Bias gradients are per-segment row sums."""
+    into one preallocated tensor, as done here. Bias gradients are per-segment row sums.
+    sink: where given, the weight gradient goes straight into w's .grad (see grad_sink)."""
 
     @staticmethod
-    def forward(ctx, x_SI, w_EIO, b_EO, splits):
+    def forward(ctx, x_SI, w_EIO, b_EO, splits, sink: GradSink | None):
         ctx.save_for_backward(x_SI, w_EIO)
-        ctx.splits = splits
+        ctx.splits, ctx.sink = splits, sink
         y_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[2])
         start = 0
         for e, n in enumerate(splits):
@@ -59,14 +61,19 @@ class _SegmentLinear(torch.autograd.Function):
         x_SI, w_EIO = ctx.saved_tensors
         g_SO = g_SO.contiguous()
         dx_SI = x_SI.new_empty(x_SI.shape) if ctx.needs_input_grad[0] else None
-        dw_EIO = torch.empty_like(w_EIO) if ctx.needs_input_grad[1] else None
+        sink = ctx.sink if ctx.needs_input_grad[1] else None
+        dw_EIO = torch.empty_like(w_EIO) if ctx.needs_input_grad[1] and sink is None else None
+        if sink is not None:
+            sink.begin([e for e, n in enumerate(ctx.splits) if n])
         db_EO = g_SO.new_zeros(w_EIO.shape[0], w_EIO.shape[2]) if ctx.needs_input_grad[2] else None
         start = 0
         for e, n in enumerate(ctx.splits):
             rows = slice(start, start + n)
             if dx_SI is not None and n:
                 torch.mm(g_SO[rows], w_EIO[e].t(), out=dx_SI[rows])
-            if dw_EIO is not None:
+            if sink is not None and n:
+                sink.write(e, x_SI[rows].t(), g_SO[rows])
+            elif dw_EIO is not None:
                 if n:
                     torch.mm(x_SI[rows].t(), g_SO[rows], out=dw_EIO[e])
                 else:
@@ -74,14 +81,16 @@ class _SegmentLinear(torch.autograd.Function):
             if db_EO is not None and n:
                 torch.sum(g_SO[rows], dim=0, out=db_EO[e])
             start += n
-        return dx_SI, dw_EIO, db_EO, None
+        return dx_SI, dw_EIO, db_EO, None, None
 
 
 def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
-                   counts_E: torch.Tensor, splits: list[int] | None, use_grouped_mm: bool):
+                   counts_E: torch.Tensor, splits: list[int] | None, use_grouped_mm: bool,
+                   sink: GradSink | None = None):
     """Rows of x_SI are sorted by expert, counts_E rows for each expert in turn; returns
     x @ w[e] + b[e] for every row. grouped_mm on GPUs (its backward is fast there, and it
-    needs no host sync); otherwise one fused addmm per expert (splits = counts_E on host)."""
+    needs no host sync); otherwise one fused addmm per expert (splits = counts_E on host),
+    the weight gradient written into w's .grad by `sink` where one is given."""
     if use_grouped_mm:
         offs_E = counts_E.cumsum(0).to(torch.int32)
         y_SO = F.grouped_mm(x_SI, w_EIO, offs=offs_E)
@@ -89,11 +98,13 @@ def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
             # grouped_mm's backward rejects non-contiguous (e.g. broadcast) gradients.
             y_SO.register_hook(lambda g: g.contiguous())
         return y_SO + b_EO.repeat_interleave(counts_E, dim=0, output_size=x_SI.shape[0])
-    return _SegmentLinear.apply(x_SI, w_EIO, b_EO, splits)
+    return _SegmentLinear.apply(x_SI, w_EIO, b_EO, splits, sink)
 
 
 class ExpertBank(nn.Module):
     """E two-layer GELU FFNs (D -> F -> D) with biases, stored stacked."""
+
+    grad_sinks: tuple[GradSink, ...] = ()  # none: autograd accumulates as usual
 
     def __init__(self, num_experts: int, n_embd: int, hidden: int, n_layer: int):
         super().__init__()
@@ -104,6 +115,14 @@ class ExpertBank(nn.Module):
         self.b2_ED = nn.Parameter(torch.zeros(num_experts, n_embd))
         nn.init.normal_(self.w1_EDF, std=0.02)
         nn.init.normal_(self.w2_EFD, std=0.02 / (2 * n_layer) ** 0.5)
+
+    def write_grads_in_place(self) -> None:
+        """Weight gradients go straight into .grad, idle experts' slices left alone (see
+        grad_sink): for one process on a CPU, where nothing hooks the parameters. Zero them
+        with grad_sink.zero_grads rather than zero_grad, to keep the saving."""
+        self.grad_sinks = (GradSink(self.w1_EDF), GradSink(self.w2_EFD))
+        for sink in self.grad_sinks:
+            sink.param.grad_sink = sink
 
     # Data-dependent segment sizes: torch.compile fuses the dense parts around this and
     # leaves the dispatch eager (its fake-tensor rule for grouped_mm also wants bf16 only).
@@ -130,10 +149,13 @@ class ExpertBank(nn.Module):
         # Chosen once per device and dtype: grouped_mm on CUDA where it runs, else the loop.
         use_gmm = device == "cuda" and grouped_mm_supported(device, dtype)
         splits = None if use_gmm else counts_E.tolist()  # one host read for both matmuls
+        # A sink writes into the parameter's own .grad, so only where no cast comes between.
+        sink1, sink2 = (self.grad_sinks if self.grad_sinks and dtype == self.w1_EDF.dtype
+                        else (None, None))
         h_SF = segment_linear(x_SD.to(dtype), self.w1_EDF.to(dtype), self.b1_EF.to(dtype),
-                              counts_E, splits, use_gmm)
+                              counts_E, splits, use_gmm, sink1)
         return segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
-                              counts_E, splits, use_gmm)
+                              counts_E, splits, use_gmm, sink2)
 
 
 class DenseFFN(nn.Module):

@@ -24,13 +24,18 @@ class MoELayer(nn.Module):
         self.last_weights_TK: torch.Tensor | None = None
         self.last_dropped = 0  # assignments over capacity in the last forward
         self.last_aux: dict[str, torch.Tensor] = {}  # scaled auxiliary losses, with grad
-        self.last_entropy = 0.0  # mean per-token routing entropy
+        self._entropy = lambda: 0.0
+
+    @property
+    def last_entropy(self) -> float:
+        """Mean per-token entropy of the last forward's routing distribution (nats)."""
+        return self._entropy()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
-        self.last_aux, self.last_entropy = routing.aux, routing.entropy
+        self.last_aux, self._entropy = routing.aux, routing.entropy
         ids_TK = routing.ids_TK
         if self.capacity_factor > 0:
             ids_TK = apply_capacity(ids_TK, routing.weights_TK.detach(),

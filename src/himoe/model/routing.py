@@ -8,6 +8,7 @@ terms, already scaled by their coefficients (only those with a nonzero coefficie
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,9 @@ class Routing:
     ids_TK: torch.Tensor  # int64 flat expert ids
     weights_TK: torch.Tensor  # fp32 combine weights
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # scaled auxiliary terms
-    entropy: float = 0.0  # mean per-token entropy of the routing distribution (nats)
+    # Mean per-token entropy of the routing distribution (nats), computed on request: only
+    # evaluation reads it, and in a training step it would cost ~1% for nothing.
+    entropy: Callable[[], float] = lambda: 0.0
 
 
 def hi_moe_terms(cfg: HiMoEConfig, probs_TE: torch.Tensor, intra_scale: float) -> dict:
@@ -114,7 +117,8 @@ class HierarchicalRouter(nn.Module):
             # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
             pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
             aux |= hi_moe_terms(cfg, pi_TE, self.intra_scale)
-        return Routing(ids_TK, weights_TK, aux, routing_entropy(p1_TN, logits2_TNM))
+        p1_TN, logits2_TNM = p1_TN.detach(), logits2_TNM.detach()
+        return Routing(ids_TK, weights_TK, aux, lambda: routing_entropy(p1_TN, logits2_TNM))
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:
@@ -146,9 +150,8 @@ def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float,
 
 def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
     """Mean entropy of the joint routing distribution p1[g] * p2[g, j] (nats)."""
-    with torch.no_grad():
-        joint_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
-        return float(losses.entropy(joint_TE).mean())
+    joint_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
+    return float(losses.entropy(joint_TE).mean())
 
 
 def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N) -> torch.Tensor:
@@ -216,7 +219,8 @@ class GroupedRouter(FlatGate):
         weights_TK = top_TNJ.flatten(1)
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True) * self.expert_scale_E[ids_TK]
         aux = flat_router_terms(cfg, z_TE, F.softmax(z_TE, -1), ids_TK, self.intra_scale)
-        return Routing(ids_TK, weights_TK, aux, float(losses.entropy(pi_TE.detach()).mean()))
+        pi_TE = pi_TE.detach()
+        return Routing(ids_TK, weights_TK, aux, lambda: float(losses.entropy(pi_TE).mean()))
 
 
 class TopKRouter(FlatGate):
@@ -245,7 +249,8 @@ class TopKRouter(FlatGate):
         if self.training and cfg.bias_update_rate:
             self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=cfg.total_experts)
         aux = flat_router_terms(cfg, z_TE, p_TE, ids_TK, self.intra_scale)
-        return Routing(ids_TK, weights_TK, aux, float(losses.entropy(p_TE.detach()).mean()))
+        p_TE = p_TE.detach()
+        return Routing(ids_TK, weights_TK, aux, lambda: float(losses.entropy(p_TE).mean()))
 
     @torch.no_grad()
     def update_balance_bias(self) -> None:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from himoe.config import HiMoEConfig
+from himoe.model.grad_sink import grad_parts
 
 
 def build_optimizer(model: torch.nn.Module, cfg: HiMoEConfig) -> torch.optim.AdamW:
@@ -41,11 +42,12 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
     the limit it skips the multiply by exactly 1.0, and over it, with a fused optimizer, it
     leaves the division to the optimizer's own pass (see scale_gradients). At 50M expert
     weights each pass costs ~2% of a CPU step. On GPUs the check would be a host sync, so
-    there the library call is used. The norm is grad_norm's."""
+    there the library call is used. The norm is grad_norm's, over the slices that may be
+    nonzero (an expert bank with a grad sink lists only its experts that got tokens)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or grads[0].is_cuda:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = grad_norm(grads)
+    norm = grad_norm([part for p in params for part in grad_parts(p)])
     if norm > max_norm:
         scale_gradients(grads, norm, max_norm, optimizer)
     return norm

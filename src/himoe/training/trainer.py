@@ -27,6 +27,7 @@ from himoe.data.tokenizer import tokenizer_for, train_tokenizer
 from himoe.distributed.plan import Discard, Parallel
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.model.grad_sink import zero_grads
 from himoe.specs import spec_files
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
@@ -118,6 +119,13 @@ def routing_schedule(cfg: HiMoEConfig) -> str:
             f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}")
 
 
+def write_expert_grads_in_place(model: HiMoEModel) -> None:
+    """Idle experts cost no gradient writes or norm reads (himoe.model.grad_sink); only for
+    one process, where no DDP, FSDP or --train_only hook needs to see those gradients."""
+    for moe in model.moe_layers.values():
+        moe.experts.write_grads_in_place()
+
+
 def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
                parallel: Parallel | None = None) -> torch.Tensor:
     """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
@@ -131,12 +139,12 @@ def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
         # A non-finite loss or gradient norm must never reach the weights or AdamW's
         # moments. One host sync; the caller reads the loss every step anyway.
         if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
-            optimizer.zero_grad(set_to_none=True)
+            zero_grads(model, optimizer)
             raise NonFiniteStep(loss.item(), float(norm))
         optimizer.step()
     finally:
         optimizer.grad_scale = None  # a clip left to this step (scale_gradients): once
-    optimizer.zero_grad(set_to_none=True)
+    zero_grads(model, optimizer)
     if model.cfg.bias_update_rate:
         parallel.sync_balance_counts(model)
         model.update_balance_biases()
@@ -232,6 +240,8 @@ class Trainer:
         if train_only is not None:
             self.freezer = Freezer(self.model, set(spec_files(train_only, cfg, "--train_only")))
             self._print(self.freezer.summary())
+        if parallel.mode == "single" and self.freezer is None:
+            write_expert_grads_in_place(self.model)  # nothing hooks the expert gradients
         forward = parallel.wrap(self.model, self.device)
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.optimizer = build_optimizer(self.model, cfg)
