@@ -37,60 +37,71 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+Segments = list[tuple[int, slice]]  # (expert, its rows) for each expert that has rows
+
+
+def segments_of(counts: list[int]) -> Segments:
+    """The row range of each expert with rows, in expert order."""
+    segments, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            segments.append((e, slice(start, start + n)))
+        start += n
+    return segments
+
+
 class _SegmentLinear(torch.autograd.Function):
     """y = x @ w[e] + b[e] over each expert's rows, one addmm per expert (bias fused, as a
     dense nn.Linear does). The CPU path: grouped_mm there is itself a loop of matmuls, and
     its backward is ~2.5x slower than writing each expert's weight gradient with torch.mm
     into one preallocated tensor, as done here. Bias gradients are per-segment row sums.
+    Loops visit only the experts with rows (a few of 48 once card routing has collapsed).
     sink: where given, the weight gradient goes straight into w's .grad (see grad_sink)."""
 
     @staticmethod
-    def forward(ctx, x_SI, w_EIO, b_EO, splits, sink: GradSink | None):
+    def forward(ctx, x_SI, w_EIO, b_EO, segments: Segments, sink: GradSink | None):
         ctx.save_for_backward(x_SI, w_EIO)
-        ctx.splits, ctx.sink = splits, sink
+        ctx.segments, ctx.sink = segments, sink
         y_SO = x_SI.new_empty(x_SI.shape[0], w_EIO.shape[2])
-        start = 0
-        for e, n in enumerate(splits):
-            if n:
-                torch.addmm(b_EO[e], x_SI[start:start + n], w_EIO[e], out=y_SO[start:start + n])
-            start += n
+        for e, rows in segments:
+            torch.addmm(b_EO[e], x_SI[rows], w_EIO[e], out=y_SO[rows])
         return y_SO
 
     @staticmethod
     def backward(ctx, g_SO):
         x_SI, w_EIO = ctx.saved_tensors
         g_SO = g_SO.contiguous()
+        segments = ctx.segments
         dx_SI = x_SI.new_empty(x_SI.shape) if ctx.needs_input_grad[0] else None
         sink = ctx.sink if ctx.needs_input_grad[1] else None
-        dw_EIO = torch.empty_like(w_EIO) if ctx.needs_input_grad[1] and sink is None else None
+        dw_EIO = None
         if sink is not None:
-            sink.begin([e for e, n in enumerate(ctx.splits) if n])
+            sink.begin([e for e, _ in segments])
+        elif ctx.needs_input_grad[1]:
+            dw_EIO = torch.empty_like(w_EIO)
+            for e in sorted(set(range(len(w_EIO))) - {e for e, _ in segments}):
+                dw_EIO[e].zero_()  # an idle expert gets a zero gradient, not none
         db_EO = g_SO.new_zeros(w_EIO.shape[0], w_EIO.shape[2]) if ctx.needs_input_grad[2] else None
-        start = 0
-        for e, n in enumerate(ctx.splits):
-            rows = slice(start, start + n)
-            if dx_SI is not None and n:
+        for e, rows in segments:
+            if dx_SI is not None:
                 torch.mm(g_SO[rows], w_EIO[e].t(), out=dx_SI[rows])
-            if sink is not None and n:
+            if sink is not None:
                 sink.write(e, x_SI[rows].t(), g_SO[rows])
             elif dw_EIO is not None:
-                if n:
-                    torch.mm(x_SI[rows].t(), g_SO[rows], out=dw_EIO[e])
-                else:
-                    dw_EIO[e].zero_()  # an idle expert gets a zero gradient, not none
-            if db_EO is not None and n:
+                torch.mm(x_SI[rows].t(), g_SO[rows], out=dw_EIO[e])
+            if db_EO is not None:
                 torch.sum(g_SO[rows], dim=0, out=db_EO[e])
-            start += n
         return dx_SI, dw_EIO, db_EO, None, None
 
 
 def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
-                   counts_E: torch.Tensor, splits: list[int] | None, use_grouped_mm: bool,
+                   counts_E: torch.Tensor, segments: Segments | None, use_grouped_mm: bool,
                    sink: GradSink | None = None):
     """Rows of x_SI are sorted by expert, counts_E rows for each expert in turn; returns
     x @ w[e] + b[e] for every row. grouped_mm on GPUs (its backward is fast there, and it
-    needs no host sync); otherwise one fused addmm per expert (splits = counts_E on host),
-    the weight gradient written into w's .grad by `sink` where one is given."""
+    needs no host sync); otherwise one fused addmm per expert (segments: segments_of the
+    counts, read on the host), the weight gradient written into w's .grad by `sink` where
+    one is given."""
     if use_grouped_mm:
         offs_E = counts_E.cumsum(0).to(torch.int32)
         y_SO = F.grouped_mm(x_SI, w_EIO, offs=offs_E)
@@ -98,7 +109,7 @@ def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
             # grouped_mm's backward rejects non-contiguous (e.g. broadcast) gradients.
             y_SO.register_hook(lambda g: g.contiguous())
         return y_SO + b_EO.repeat_interleave(counts_E, dim=0, output_size=x_SI.shape[0])
-    return _SegmentLinear.apply(x_SI, w_EIO, b_EO, splits, sink)
+    return _SegmentLinear.apply(x_SI, w_EIO, b_EO, segments, sink)
 
 
 class ExpertBank(nn.Module):
@@ -148,14 +159,15 @@ class ExpertBank(nn.Module):
         dtype = self.compute_dtype(device)
         # Chosen once per device and dtype: grouped_mm on CUDA where it runs, else the loop.
         use_gmm = device == "cuda" and grouped_mm_supported(device, dtype)
-        splits = None if use_gmm else counts_E.tolist()  # one host read for both matmuls
+        # One host read of the counts, for both matmuls.
+        segments = None if use_gmm else segments_of(counts_E.tolist())
         # A sink writes into the parameter's own .grad, so only where no cast comes between.
         sink1, sink2 = (self.grad_sinks if self.grad_sinks and dtype == self.w1_EDF.dtype
                         else (None, None))
         h_SF = segment_linear(x_SD.to(dtype), self.w1_EDF.to(dtype), self.b1_EF.to(dtype),
-                              counts_E, splits, use_gmm, sink1)
+                              counts_E, segments, use_gmm, sink1)
         return segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
-                              counts_E, splits, use_gmm, sink2)
+                              counts_E, segments, use_gmm, sink2)
 
 
 class DenseFFN(nn.Module):
