@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 
 class HimoeConfig(PretrainedConfig):
     model_type = "himoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     # The standard names that transformers' generation and cache code read.
     attribute_map = {
         "hidden_size": "n_embd",

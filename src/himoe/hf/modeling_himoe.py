@@ -19,6 +19,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_himoe import HimoeConfig
 
+# The output field that carries the KV cache: `cache` from transformers 5.24 on (generate()
+# reads it from there), `past_key_values` before.
+CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+               else "past_key_values")
+
 # --- routers: each maps tokens to k flat expert ids (group * M + expert) and k weights ---
 # They compute in fp32 whatever the model dtype, as himoe does. Balancing biases (loss-free
 # balancing) change which experts are selected, never the combine weights.
@@ -286,9 +291,14 @@ class HimoeForCausalLM(HimoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        # transformers >= 5.24 passes the KV cache as `cache`, older releases as
+        # `past_key_values`; an ignored cache would restart positions at 0 every step.
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the KV cache as either cache or past_key_values, not both")
+        past_key_values = cache if cache is not None else past_key_values
         x_BTD = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x_BTD.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -320,4 +330,4 @@ class HimoeForCausalLM(HimoePreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits_BTV[:, :-1].float().reshape(-1, logits_BTV.shape[-1]),
                                    labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits_BTV,
-                                      past_key_values=past_key_values if use_cache else None)
+                                      **{CACHE_FIELD: past_key_values if use_cache else None})
