@@ -39,10 +39,11 @@ def test_layout_is_the_cards(n_layer, tmp_path):
         assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
-def test_round_trip_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("shared_fraction", [0.0, 0.5])
+def test_round_trip_is_bit_exact(shared_fraction, tmp_path):
     torch.manual_seed(0)
-    model = HiMoEModel(tiny_config())
-    saved(model, tmp_path)
+    model = HiMoEModel(tiny_config(shared_fraction=shared_fraction))
+    assert saved(model, tmp_path) == expected_files(2, 3, 4)  # a shared expert: in backbone
     loaded, cfg, vocab, step = checkpoint.load_model(tmp_path)
     assert step == 7 and cfg == model.cfg
     a, b = model.state_dict(), loaded.state_dict()

@@ -60,6 +60,7 @@ def load_hf(transformers, out: Path):
 ROUTERS = [
     dict(router="hierarchical", top_k_groups=2, top_k_experts=2, bias_update_rate=1e-3),
     dict(router="hierarchical", capacity_factor=1.0),
+    dict(router="hierarchical", shared_fraction=0.25, switch_coef=0.01),
     dict(router="grouped", top_k_experts=2, router_temp=0.7),
     dict(router="topk", top_k_experts=3, renormalize=True, bias_update_rate=1e-3),
     dict(router="topk", top_k_experts=2),

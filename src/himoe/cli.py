@@ -57,7 +57,9 @@ HELP = {
     "preset": "routing and losses of a source design (README: Presets); flags override it",
     "renormalize": "topk / group_limited: renormalise the kept weights to sum to 1",
     "bias_update_rate": "loss-free balancing: selection-bias step per optimiser step (0 = off)",
-    "expert_hidden": "expert width (0: ffn_mult * n_embd)",
+    "expert_hidden": "routed expert width (0: ffn_mult * n_embd less the shared expert's)",
+    "shared_fraction": "share of the active FFN width (ffn_mult * n_embd) given to a shared "
+                       "expert that every token runs beside its routed one (0: none)",
     "compile": "true: torch.compile the training forward (slow start, faster steps)",
     "switch_coef": "Switch load-balancing loss coefficient", "z_coef": "router z-loss coefficient",
     "inter_coef": "Hi-MoE inter-group balancing (lambda2)",

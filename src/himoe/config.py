@@ -51,7 +51,10 @@ class HiMoEConfig:
     router_temp: float = 1.0
     renormalize: bool = False  # topk / group_limited: kept weights sum to 1 (MiniMoE)
     bias_update_rate: float = 0.0  # loss-free balancing step u (DeepSeek-V3: 1e-3); 0 = off
-    expert_hidden: int = 0  # expert width; 0 means ffn_mult * n_embd
+    # The share of the active FFN width (ffn_mult * n_embd) given to a shared expert, a dense
+    # FFN that every token runs beside its routed one; the routed experts get the rest.
+    shared_fraction: float = 0.0
+    expert_hidden: int = 0  # routed expert width; 0: what the shared expert leaves
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
     group_experts: list[list[int]] | None = None
@@ -82,8 +85,14 @@ class HiMoEConfig:
     log_dir: str | None = None
 
     @property
+    def shared_hidden(self) -> int:
+        """Width of the shared expert (0: none)."""
+        return round(self.shared_fraction * self.ffn_mult * self.n_embd)
+
+    @property
     def ffn_hidden(self) -> int:
-        return self.expert_hidden or self.ffn_mult * self.n_embd
+        """Width of each routed expert (of the one FFN, for the dense baseline)."""
+        return self.expert_hidden or self.ffn_mult * self.n_embd - self.shared_hidden
 
     @property
     def total_experts(self) -> int:
@@ -113,6 +122,12 @@ class HiMoEConfig:
         positive = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
                     "top_k_groups", "top_k_experts", "ffn_mult", "batch_size", "max_iters",
                     "eval_interval", "eval_iters")
+        if not 0.0 <= self.shared_fraction < 1.0:
+            raise UserError(f"--shared_fraction must be in [0, 1) (the shared expert's share "
+                            f"of the active FFN width), got {self.shared_fraction}")
+        if self.shared_fraction and self.router == "dense":
+            raise UserError("--shared_fraction needs a MoE --router; the dense baseline is one "
+                            "FFN already: drop the flag")
         if self.expert_hidden < 0:
             raise UserError(f"--expert_hidden must be >= 0 (0: ffn_mult * n_embd), got "
                             f"{self.expert_hidden}")
@@ -196,8 +211,8 @@ class HiMoEConfig:
 
 
 MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
-                "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "router",
-                "vocab_size", "group_experts", "tokenizer", "bpe_vocab_size")
+                "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "shared_fraction",
+                "router", "vocab_size", "group_experts", "tokenizer", "bpe_vocab_size")
 
 # Flags whose value only affects this process, never the saved model.
 RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile", "log", "log_dir")

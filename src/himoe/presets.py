@@ -41,5 +41,6 @@ def preset_values(name: str, given: dict) -> dict:
         probe = HiMoEConfig(**{k: v for k, v in values.items() if k != "expert_hidden"})
         k = probe.experts_per_token
         if k > 1:  # rounded to a multiple of 8 for aligned matmuls
-            values["expert_hidden"] = max(8, round(4 * probe.n_embd / k / 8) * 8)
+            routed = probe.ffn_mult * probe.n_embd - probe.shared_hidden
+            values["expert_hidden"] = max(8, round(routed / k / 8) * 8)
     return values

@@ -40,3 +40,25 @@ def load_figures(counts_E: torch.Tensor, num_groups: int,
         "group_cv": float(groups.std(unbiased=False) / groups.mean().clamp_min(1e-12)),
         "largest_group_share": float(groups.max() / total),
     }
+
+
+# A layer counts as collapsed past either limit. A CV of 1 means the load's spread equals
+# its mean: far from the < 0.3 that balanced routing reaches, far below a full collapse
+# (sqrt(E - 1), 6.9 for 48 experts), so a layer on its way there is caught early.
+COLLAPSE_CV = 1.0
+COLLAPSE_DEAD_FRACTION = 0.5
+
+
+def collapse_warning(layer: int, figures: dict, hint: str) -> str | None:
+    """One line naming a collapsed layer (1-based), its busiest expert and the flag that
+    helps (hint), or None when the layer's load is fine. figures: load_figures()'s dict."""
+    real = sum(figures["group_sizes"])
+    cv, dead = figures["expert_cv"], figures["dead_experts"]
+    if cv <= COLLAPSE_CV and dead <= COLLAPSE_DEAD_FRACTION * real:
+        return None
+    shares = figures["expert_share"]
+    busiest = max(range(len(shares)), key=shares.__getitem__)
+    M = len(shares) // len(figures["group_share"])
+    return (f"warning: layer {layer} routing has collapsed (expert-load CV {cv:.2f}, "
+            f"{dead} of {real} experts dead; moe_expert_{busiest // M + 1:03d}/"
+            f"model_{busiest % M + 1:03d} takes {shares[busiest]:.0%} of tokens); {hint}")

@@ -20,7 +20,7 @@ class HimoeConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=65, n_embd=256, n_layer=2, n_head=4, block_size=128,
                  num_moes=6, num_experts=8, top_k_groups=1, top_k_experts=1,
-                 expert_hidden=1024, router="hierarchical", renormalize=False,
+                 expert_hidden=1024, shared_expert=0, router="hierarchical", renormalize=False,
                  router_temp=1.0, capacity_factor=0.0, group_experts=None, layer_norm_eps=1e-5,
                  tie_word_embeddings=True, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
@@ -33,6 +33,7 @@ class HimoeConfig(PretrainedConfig):
         self.top_k_groups = top_k_groups
         self.top_k_experts = top_k_experts
         self.expert_hidden = expert_hidden  # width of each expert's (or the dense) FFN
+        self.shared_expert = shared_expert  # width of the FFN beside the routed experts, 0: none
         self.router = router  # hierarchical, grouped, topk, group_limited or dense
         self.renormalize = renormalize  # topk / group_limited: kept weights sum to 1
         self.router_temp = router_temp  # grouped router's softmax temperature

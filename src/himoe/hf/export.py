@@ -48,6 +48,7 @@ def hf_config(cfg: HiMoEConfig, blank: int) -> dict:
         "n_head": cfg.n_head, "block_size": cfg.block_size, "num_moes": cfg.num_moes,
         "num_experts": cfg.num_experts, "top_k_groups": cfg.top_k_groups,
         "top_k_experts": cfg.top_k_experts, "expert_hidden": cfg.ffn_hidden,
+        "shared_expert": cfg.shared_hidden,
         "router": cfg.router, "renormalize": cfg.renormalize, "router_temp": cfg.router_temp,
         "capacity_factor": cfg.capacity_factor, "group_experts": cfg.group_experts,
         "layer_norm_eps": 1e-5,

@@ -190,12 +190,13 @@ class MoELayer(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """The dense baseline (router "dense"): one GELU FFN."""
+    """One GELU FFN: the dense baseline (router "dense") and the shared expert."""
 
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        self.fc1 = nn.Linear(config.n_embd, config.expert_hidden)
-        self.fc2 = nn.Linear(config.expert_hidden, config.n_embd)
+        hidden = hidden or config.expert_hidden
+        self.fc1 = nn.Linear(config.n_embd, hidden)
+        self.fc2 = nn.Linear(hidden, config.n_embd)
 
     def forward(self, x_BTD):
         return self.fc2(F.gelu(self.fc1(x_BTD)))
@@ -229,10 +230,16 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
         self.ffn = DenseFFN(config) if config.router == "dense" else MoELayer(config, layer_idx)
+        shared = getattr(config, "shared_expert", 0)  # exports from before it existed: none
+        self.shared_ffn = DenseFFN(config, shared) if shared else None
 
     def forward(self, x_BTD, mask_B1TS, past_key_values):
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD), mask_B1TS, past_key_values)
-        return x_BTD + self.ffn(self.ln2(x_BTD))
+        h_BTD = self.ln2(x_BTD)
+        y_BTD = self.ffn(h_BTD)
+        if self.shared_ffn is not None:
+            y_BTD = y_BTD + self.shared_ffn(h_BTD)
+        return x_BTD + y_BTD
 
 
 def attention_mask_4d(attention_mask_BS, T, device):

@@ -22,11 +22,19 @@ class Block(nn.Module):
             self.ffn = DenseFFN(cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         else:
             self.ffn = MoELayer(cfg, layer)
+        # A shared expert (DeepSeekMoE) sees every token, so it learns from the whole batch
+        # while each routed expert sees its share; it is part of the backbone on disk.
+        self.shared_ffn = (DenseFFN(cfg.n_embd, cfg.shared_hidden, cfg.n_layer)
+                           if cfg.shared_hidden and cfg.router != "dense" else None)
         self.ffn_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, cache: KVCache | None = None, layer: int = 0):
         x_BTD = x_BTD + self.attn(self.ln1(x_BTD), cache, layer)
-        return x_BTD + self.ffn_drop(self.ffn(self.ln2(x_BTD)))
+        h_BTD = self.ln2(x_BTD)
+        y_BTD = self.ffn(h_BTD)
+        if self.shared_ffn is not None:
+            y_BTD = y_BTD + self.shared_ffn(h_BTD)
+        return x_BTD + self.ffn_drop(y_BTD)
 
 
 class HiMoEModel(nn.Module):
@@ -46,8 +54,8 @@ class HiMoEModel(nn.Module):
 
     def _init_weights(self):
         for name, p in self.named_parameters():
-            if ".ffn." in name:
-                continue  # experts and routers initialise themselves
+            if ".ffn." in name or ".shared_ffn." in name:
+                continue  # experts, routers and the shared expert initialise themselves
             if name.endswith(".weight") and p.dim() == 2:
                 std = 0.02 / (2 * self.cfg.n_layer) ** 0.5 if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, std=std)

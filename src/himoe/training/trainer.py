@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from himoe import checkpoint
-from himoe.analysis.balance import load_figures, max_violation
+from himoe.analysis.balance import collapse_warning, load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
 from himoe.analysis.training_plots import training_plots
@@ -185,6 +185,26 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
                 "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
 
 
+# The flag that balances each kind of router, named in the collapse warning.
+BALANCE_HINTS = {
+    "hierarchical": "balance it with --switch_coef 0.01 (see README, 'Routing')",
+    "flat": "balance it with --switch_coef 0.01 or --bias_update_rate 1e-3",
+}
+
+
+def flag_collapse(layers: list[dict], cfg: HiMoEConfig) -> list[str]:
+    """Marks each layer's figures with "collapsed" (kept in metrics.jsonl) and returns one
+    warning line per collapsed layer, naming the flag that balances this router."""
+    hint = BALANCE_HINTS.get(cfg.router, BALANCE_HINTS["flat"])
+    warnings = []
+    for i, figures in enumerate(layers, start=1):
+        warning = collapse_warning(i, figures, hint)
+        figures["collapsed"] = warning is not None
+        if warning:
+            warnings.append(warning)
+    return warnings
+
+
 class Trainer:
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
                  skip_nonfinite: bool = False, train_only: str | None = None,
@@ -330,7 +350,7 @@ class Trainer:
         while self.step < cfg.max_iters:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             if cfg.intra_warmup:
                 model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
@@ -373,6 +393,8 @@ class Trainer:
                 bar.write(f"step {self.step}: train loss {ev['train_loss']:.4f}, val loss "
                           f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
                           file=self.out)
+                for warning in flag_collapse(ev["layers"], cfg):
+                    bar.write(warning, file=self.out)
                 self.metrics_lines.append(json.dumps(ev) + "\n")
                 if tb is not None:
                     tb.evaluation(ev)
