@@ -39,7 +39,7 @@ from himoe.training.optim import build_optimizer
 from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("card", "grouped", "generate", "memory", "layer", "gpu")
+SECTIONS = ("train", "card", "grouped", "generate", "memory", "layer", "gpu")
 SECTION_ALIASES = {"a": "card", "b": "grouped", "c": "generate", "d": "memory"}
 # Hi-MoE's grouped routing: top-1 in each of the 6 groups, with the paper's regularisers.
 GROUPED = dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
@@ -51,7 +51,13 @@ CARD_GEN_TOKENS = 400  # the card's sample.txt
 # The MoE layer alone against the dense FFN, forward and backward: tokens per call. On a GPU
 # the sizes of BENCHMARKS.md in bf16; on a CPU one size in fp32, to keep the run short.
 LAYER_TOKENS = {"cuda": (8192, 16384, 32768, 65536), "cpu": (8192,), "smoke": (64,)}
-TARGETS = {"card": 0.85, "grouped": 0.23, "generate": 5.0, "memory_mb": 2000.0}
+TARGETS = {"card": 0.85, "grouped": 0.23, "generate": 5.0, "memory_mb": 2000.0,
+           "train": 0.85}
+# Whole `himoe train` processes: (short, long) --max_iters; the long run's extra steps are
+# timed, so start-up, the final evaluation, the sample and the save cancel out.
+PROCESS_STEPS = {"full": (5, 45), "smoke": (1, 3)}
+# What each process row trains, against `--router dense` with the same other flags.
+PROCESS_VARIANTS = {"the default model": [], "--preset himoe-card": ["--preset", "himoe-card"]}
 MISSING_ROUTER_ERRORS = (UserError, TypeError, ValueError)
 
 
@@ -188,7 +194,8 @@ def bench_card(data, vocab_size, settings: Settings) -> Row:
     card = build(card_config(vocab_size, settings))
     dense = build(card_config(vocab_size, settings, router="dense"))
     rates_v, rates_d = compare_training(card, dense, data, settings)
-    return training_row("card training: hierarchical 6x8, top-1 vs dense-equivalent", "card",
+    return training_row("card training in one process: hierarchical 6x8, top-1 vs "
+                        "dense-equivalent", "card",
                         rates_v, rates_d)
 
 
@@ -216,6 +223,42 @@ def bench_gpu(data, vocab_size, settings: Settings) -> Row:
     ratios = [v / d for v, d in zip(rates_v, rates_d)]
     return Row(f"{name} ({torch.cuda.get_device_name()})", rate_cell(rates_v, "tok/s"),
                rate_cell(rates_d, "tok/s"), ratio_cell(ratios))
+
+
+# --- whole training processes, as a user runs them ---
+def train_process_seconds(flags: list[str], steps: int, settings: Settings) -> float:
+    """Wall-clock seconds of one `himoe train --max_iters steps` process on Hamlet."""
+    sizes = [f"--{k}={v}" for k, v in settings.sizes.items()]
+    with tempfile.TemporaryDirectory(prefix="himoe-bench-") as tmp:
+        cmd = [sys.executable, "-m", "himoe", "train", "--max_iters", str(steps),
+               "--eval_interval", str(steps), "--eval_iters", "1", "--sample_tokens", "1",
+               "--device", "cpu", "--model_dir", str(Path(tmp) / "m"), *sizes, *flags]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
+
+def bench_train_processes(settings: Settings) -> list[Row]:
+    """Tokens/s of whole `himoe train` processes, each side's (long - short) run, alternating
+    variant and dense; the torch threads are the process's own default, as for a user."""
+    short, long = PROCESS_STEPS["smoke" if settings.smoke else "full"]
+    cfg = HiMoEConfig(**settings.sizes)
+    tokens = (long - short) * cfg.batch_size * cfg.block_size
+
+    def side(flags: list[str]) -> Callable[[int], float]:
+        def run(_: int) -> float:
+            seconds = (train_process_seconds(flags, long, settings)
+                       - train_process_seconds(flags, short, settings))
+            return tokens / max(seconds, 1e-9)
+        return run
+
+    rows = []
+    for name, flags in PROCESS_VARIANTS.items():
+        rates_v, rates_d = alternate(side(flags), side(flags + ["--router", "dense"]),
+                                     1 if settings.smoke else settings.repeats)
+        rows.append(training_row(f"`himoe train` processes: {name} vs `--router dense` "
+                                 f"(steps {short + 1}-{long})", "train", rates_v, rates_d))
+    return rows
 
 
 # --- one MoE layer against one dense FFN ---
@@ -438,7 +481,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def run_sections(names: list[str], settings: Settings) -> list[Row]:
     data, tok = hamlet()
-    runners = {"card": lambda: bench_card(data, tok.vocab_size, settings),
+    runners = {"train": lambda: bench_train_processes(settings),
+               "card": lambda: bench_card(data, tok.vocab_size, settings),
                "grouped": lambda: bench_grouped(data, tok.vocab_size, settings),
                "generate": lambda: bench_generate(tok, settings),
                "memory": lambda: bench_memory(settings),
