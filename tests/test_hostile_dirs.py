@@ -404,3 +404,12 @@ def test_a_dead_exports_leftover_folder_does_not_break_a_save(work, capsys):
     code, _, err = himoe(["train", *SMALL, "--max_iters", "2", "--data_file",
                           work / "corpus.txt", "--model_dir", work / "runs"], capsys)
     assert code == 0, err
+
+
+def test_the_model_dir_itself_may_be_a_link(work, capsys):
+    """Only entries inside are refused: the folder the user names is the user's choice."""
+    (work / "alias").symlink_to(work / "model")
+    code, _, err = himoe(["train", "--resume", "--max_iters", "4", "--model_dir",
+                          work / "alias"], capsys)
+    assert code == 0, err
+    assert himoe(["verify", "--model_dir", work / "alias"], capsys)[0] == 0
