@@ -48,7 +48,7 @@ def test_add_writes_one_file_widens_one_router_and_keeps_the_rest(base, capsys):
     assert set(after) - set(before) == {NEW_EXPERT}
     assert {rel for rel in before if before[rel] != after[rel]} == {ROUTER}
     assert after[NEW_EXPERT] == before["layer_01_moe_expert_002/model_001.pt"]  # copy:1
-    router = checkpoint.load_weight_file(model_dir / ROUTER)
+    router = checkpoint.load_weight_file(model_dir, ROUTER)
     assert router["weight"].shape[0] == 3 and router["balance_bias"].shape == (3,)
     assert torch.equal(router["weight"][2], router["weight"][0])
     meta = json.loads((model_dir / checkpoint.CONFIG_FILE).read_text())
@@ -104,7 +104,7 @@ def test_train_only_the_new_parts_after_add(base, capsys):
 def test_resume_after_add_keeps_the_optimiser_moments_of_every_expert(base):
     model_dir = Path(base.model_dir)
     old_cfg, _, _ = checkpoint.read_config(model_dir)
-    state = checkpoint.load_weight_file(model_dir / checkpoint.TRAIN_STATE_FILE, plain=False)
+    state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE, plain=False)
     new_cfg = grown_config(old_cfg, 0, 1)
     grown = grown_train_state(state, old_cfg, new_cfg)
     old_moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]

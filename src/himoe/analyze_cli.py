@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from himoe import safe_path
 from himoe.config import DEVICES
 from himoe.errors import UserError
 
@@ -153,7 +154,8 @@ def cmd_analyze(args) -> int:
             print(f"himoe: note: domain {d['name']}: skipped {d['skipped_chars']} characters "
                   "outside the model's vocabulary", file=sys.stderr)
     print(format_report(report, cfg.num_experts))
-    out = Path(args.out) if args.out else model_dir / "analysis"
+    # Inside the model directory, never through a link planted there.
+    out = Path(args.out) if args.out else safe_path.inside(model_dir, "analysis", "dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from himoe import atomic_dir
+from himoe import atomic_dir, safe_path
+from himoe import manifest as mf
 from himoe.config import HiMoEConfig
 from himoe.data.tokenizer import TOKENIZER_FILE
 from himoe.errors import UserError
@@ -115,15 +116,20 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     return files
 
 
-def load_weight_file(path: Path, plain: bool = True) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers, never code. plain: the
-    file must be a state_dict ({name: tensor}); train_state.pt passes False (nested)."""
-    if not path.is_file():
-        raise UserError(f"model file {path} is missing; re-save the model or copy the file back")
+def load_weight_file(model_dir: Path, rel: str, plain: bool = True) -> dict:
+    """torch.load(weights_only=True) of model_dir/rel: tensors and plain containers, never
+    code, from a plain file reached without a link (himoe.safe_path). plain: the file must be
+    a state_dict ({name: tensor}); train_state.pt passes False (nested)."""
+    path = Path(model_dir) / rel
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": keep one line
+        f = safe_path.open_read(model_dir, rel)
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"model file {path} is missing; re-save the model or copy the file "
+                        "back") from None
+    try:
+        with f, warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": keep one line
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for refused or broken files
         raise UserError(_load_failure(path, e)) from None
     if not isinstance(obj, dict) or (plain and not all(
@@ -152,14 +158,14 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
     cfg = model.cfg
     state = {}
     moe_layers = model.moe_layers
-    state.update(load_weight_file(model_dir / "backbone.pt"))
+    state.update(load_weight_file(model_dir, "backbone.pt"))
     state["lm_head.weight"] = state.get("tok_emb.weight")
     M = cfg.num_experts
     for layer in moe_layers:
         sizes = cfg.group_sizes(layer)
         if cfg.router == "hierarchical":
-            main = load_weight_file(model_dir / main_router_file(cfg, layer))
-            groups = [load_weight_file(model_dir / group_router_file(cfg, layer, g))
+            main = load_weight_file(model_dir, main_router_file(cfg, layer))
+            groups = [load_weight_file(model_dir, group_router_file(cfg, layer, g))
                       for g in range(cfg.num_moes)]
             state[_moe_key(layer, "router.main_weight_ND")] = _pick(
                 main, "weight", main_router_file(cfg, layer))
@@ -175,7 +181,7 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
                           group_router_file(cfg, layer, g))
                 for g, sd in enumerate(groups)])
         else:
-            router = load_weight_file(model_dir / main_router_file(cfg, layer))
+            router = load_weight_file(model_dir, main_router_file(cfg, layer))
             state.update({_moe_key(layer, f"router.{k}"): v for k, v in router.items()})
         w1, b1, w2, b2 = [], [], [], []
         for g in range(cfg.num_moes):
@@ -186,7 +192,7 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
                     continue
                 name = expert_file(cfg, layer, g, j)
                 # An int8 expert (himoe experts quantize) loads as fp32 weights.
-                sd = dequantize_state(load_weight_file(model_dir / name), name)
+                sd = dequantize_state(load_weight_file(model_dir, name), name)
                 w1.append(_pick(sd, "fc1.weight", name).t())
                 b1.append(_pick(sd, "fc1.bias", name))
                 w2.append(_pick(sd, "fc2.weight", name).t())
@@ -213,7 +219,7 @@ def _pick(sd: dict, key: str, name: str) -> torch.Tensor:
 
 
 def _get(model_dir: Path, name: str, key: str) -> torch.Tensor:
-    return _pick(load_weight_file(model_dir / name), key, name)
+    return _pick(load_weight_file(model_dir, name), key, name)
 
 
 def _stack(parts: list[torch.Tensor | None], model_dir: Path, layer: int) -> torch.Tensor:
@@ -237,28 +243,12 @@ def _pad_rows(t: torch.Tensor, n: int, rows: int, name: str) -> torch.Tensor:
 
 # --- atomic writes: a crash leaves the old file or the new one, never half of one ---
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    safe_path.write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    safe_path.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # --- whole model directory ---
@@ -280,6 +270,58 @@ def check_model_dir_writable(model_dir: Path) -> None:
                         "writing); pick a writable location")
 
 
+def check_model_dir_flag(text: str) -> None:
+    """An empty --model_dir (an unset shell variable) would mean the current directory."""
+    if not str(text).strip():
+        raise UserError("--model_dir is empty; name the folder for the model, e.g. "
+                        "--model_dir model")
+
+
+def model_dir_kind(model_dir: Path) -> tuple[str, list[str]]:
+    """("missing" | "empty" | "model" | "other", the names that decided it). A himoe model
+    directory has a manifest, a save in progress or a himoe config.json; himoe's own
+    leftovers (the lock file, dead temporary files) do not count."""
+    try:
+        names = sorted(n for n in os.listdir(model_dir)
+                       if n != atomic_dir.LOCK_FILE and not atomic_dir.is_dead_temp(n))
+    except FileNotFoundError:
+        return "missing", []
+    if not names:
+        return "empty", []
+    if mf.MANIFEST_FILE in names or atomic_dir.STAGING_DIR in names:
+        return "model", names
+    try:
+        meta = json.loads(safe_path.read_text(model_dir, CONFIG_FILE))
+    except (OSError, UserError, ValueError):
+        meta = None
+    return ("model" if isinstance(meta, dict) and "himoe_format" in meta else "other"), names
+
+
+def check_new_model_dir(model_dir: Path, force: bool) -> None:
+    """A new model goes into a new or empty folder, or replaces a himoe model with --force;
+    a folder of other files (a user's own config.json) is never written to."""
+    kind, names = model_dir_kind(model_dir)
+    if kind == "model" and not force:
+        raise UserError(f"--model_dir {model_dir} already holds a himoe model; continue it "
+                        "with --resume, or pass --force to replace it with a new one")
+    if kind == "other":
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UserError(f"--model_dir {model_dir} holds other files ({shown}) and is not a "
+                        "himoe model directory; himoe never writes into such a folder (not "
+                        "even with --force): pick a new or empty folder")
+
+
+def writing(model_dir: Path) -> atomic_dir.WriterLock:
+    """The writer lock of an existing model directory, for a command that changes it (used
+    as `with writing(d):`). Refused before the lock file is made when d is no model."""
+    model_dir = Path(model_dir)
+    check_is_model_dir(model_dir)
+    if model_dir_kind(model_dir)[0] != "model":
+        read_config_unlocked(model_dir)  # says what is missing or broken
+    safe_path.check_tree(model_dir)
+    return atomic_dir.WriterLock(model_dir)
+
+
 def _say(note: str | None) -> None:
     if note:
         print(f"himoe: {note}", file=sys.stderr, flush=True)
@@ -293,10 +335,10 @@ def _bytes_writer(data: bytes):
     return lambda f: f.write(data)
 
 
-def copy_writer(path: Path):
-    """Writes the bytes of an existing file, streamed: a file kept exactly as it is."""
+def copy_writer(model_dir: Path, rel: str):
+    """Writes the bytes of model_dir/rel, streamed: a file kept exactly as it is."""
     def write(f):
-        with open(path, "rb") as src:
+        with safe_path.open_read(model_dir, rel) as src:
             shutil.copyfileobj(src, f, 1 << 20)
     return write
 
@@ -310,13 +352,13 @@ def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
     (those --train_only leaves untouched; a quantised expert stays int8)."""
     model_dir = Path(model_dir)
     writers = {name: _torch_writer(sd) for name, sd in to_files(model).items()}
-    writers.update({name: copy_writer(model_dir / name) for name in keep})
+    writers.update({name: copy_writer(model_dir, name) for name in keep})
     for name, obj in (extra or {}).items():
         if isinstance(obj, str):
             obj = obj.encode("utf-8")
         writers[name] = _bytes_writer(obj) if isinstance(obj, bytes) else _torch_writer(obj)
     if model.cfg.tokenizer != "char" and TOKENIZER_FILE not in writers:
-        writers[TOKENIZER_FILE] = copy_writer(model_dir / TOKENIZER_FILE)  # swap, quantize
+        writers[TOKENIZER_FILE] = copy_writer(model_dir, TOKENIZER_FILE)  # swap, quantize
     writers[CONFIG_FILE] = _bytes_writer(config_bytes(model.cfg, vocab, step))
     try:
         note = atomic_dir.save(model_dir, writers, step)
@@ -383,10 +425,10 @@ def read_config(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
 
 def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
     path = model_dir / CONFIG_FILE
-    if not path.is_file():
+    if safe_path.lstat(model_dir, CONFIG_FILE) is None:
         raise UserError(f"{path} is missing; {model_dir} is not a himoe model directory")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(safe_path.read_text(model_dir, CONFIG_FILE))
         cfg = HiMoEConfig.from_dict(meta["config"])
         vocab, step = list(meta["vocab"]), int(meta["step"])
         cfg.validate()  # inside: a value of the wrong type fails here with a TypeError
@@ -427,9 +469,8 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu"):
 def read_metrics(model_dir: Path, step: int) -> list[str]:
     """The lines of metrics.jsonl up to `step` (a resumed run appends after them); lines
     that do not parse are dropped, so a torn line from an old crash cannot stay."""
-    path = Path(model_dir) / METRICS_FILE
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = safe_path.read_text(model_dir, METRICS_FILE).splitlines()
     except (OSError, UnicodeDecodeError):
         return []
     kept = []

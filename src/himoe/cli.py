@@ -123,8 +123,9 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
         return dataclasses.replace(HiMoEConfig(), **given).validate()
     if "preset" in given:
         raise UserError("--preset sets up a new model; drop it when you --resume")
-    from himoe.checkpoint import read_config
+    from himoe.checkpoint import check_model_dir_flag, read_config
 
+    check_model_dir_flag(given.get("model_dir", HiMoEConfig.model_dir))
     saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
     for name in MODEL_FIELDS:
         if name in given and given[name] != getattr(saved, name):
@@ -141,7 +142,7 @@ def cmd_train(args) -> int:
     with launched(args) as parallel:  # one process, or one rank of a torchrun job
         cfg = config_from_args(args, args.resume)
         Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite,
-                train_only=args.train_only, parallel=parallel).train()
+                train_only=args.train_only, parallel=parallel, force=args.force).train()
     return 0
 
 
@@ -241,6 +242,9 @@ def build_parser() -> Parser:
     add_config_flags(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint in --model_dir")
+    train.add_argument("--force", action="store_true",
+                       help="without --resume: replace the model already in --model_dir with "
+                            "a new one (a folder of other files is never written to)")
     train.add_argument("--skip_nonfinite", "--skip-nonfinite", action="store_true",
                        help="skip a step whose loss or gradient norm is not finite (no update, "
                             "counted and logged) instead of stopping the run")

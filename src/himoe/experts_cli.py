@@ -6,6 +6,7 @@ at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     for rel in weight_files(cfg):
         if rel == "backbone.pt":
             continue
-        sd = load_weight_file(model_dir / rel)
+        sd = load_weight_file(model_dir, rel)
         params = sum(v.numel() for k, v in dequantize_state(sd, rel).items() if k not in buffers)
         layer, group, expert = describe_file(rel, cfg)
         fig = layers[layer - 1]
@@ -96,16 +97,25 @@ def _verified(model_dir: Path) -> str:
 
 
 def cmd_swap(args) -> int:
+    from himoe.checkpoint import writing
     from himoe.surgery import resolve_file, swap
 
     model_dir = Path(args.model_dir)
-    rel = resolve_file(model_dir, args.file, args.part, "--file", "--part")
-    print(swap(model_dir, Path(args.from_dir), rel))
-    print(_verified(model_dir))
+    with writing(model_dir):
+        rel = resolve_file(model_dir, args.file, args.part, "--file", "--part")
+        print(swap(model_dir, Path(args.from_dir), rel))
+        print(_verified(model_dir))
     return 0
 
 
 def cmd_quantize(args) -> int:
+    from himoe.checkpoint import writing
+
+    with writing(Path(args.model_dir)):
+        return _quantize(args)
+
+
+def _quantize(args) -> int:
     from himoe.checkpoint import load_model, load_weight_file
     from himoe.quantize import is_quantized, quantize_expert
     from himoe.specs import describe_file, spec_files, weight_files
@@ -126,7 +136,7 @@ def cmd_quantize(args) -> int:
     current_manifest(model_dir)  # refuse a damaged directory before any work
     new, already = {}, 0
     for rel in experts:
-        sd = load_weight_file(model_dir / rel)
+        sd = load_weight_file(model_dir, rel)
         if is_quantized(sd):
             already += 1
         else:
@@ -135,7 +145,7 @@ def cmd_quantize(args) -> int:
         print(f"nothing to do: the {already} expert files named are already int8")
         return 0
     before = evaluate(model, val, cfg, device, dtype)["val_loss"]
-    bytes_before = sum((model_dir / rel).stat().st_size for rel in new)
+    bytes_before = sum(os.lstat(model_dir / rel).st_size for rel in new)
     rewrite(model_dir, {rel: torch_writer(sd) for rel, sd in new.items()})
     bytes_after = sum((model_dir / rel).stat().st_size for rel in new)
     # Evaluated from the files, through the loader's dequantisation: what every command sees.
@@ -154,11 +164,13 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_add(args) -> int:
+    from himoe.checkpoint import writing
     from himoe.grow import add_expert
 
     model_dir = Path(args.model_dir)
-    print(add_expert(model_dir, args.layer, args.group, args.init, args.seed))
-    print(_verified(model_dir))
+    with writing(model_dir):
+        print(add_expert(model_dir, args.layer, args.group, args.init, args.seed))
+        print(_verified(model_dir))
     return 0
 
 

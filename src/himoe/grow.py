@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from himoe import checkpoint
+from himoe import checkpoint, safe_path
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
@@ -126,22 +126,21 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
     gen = torch.Generator().manual_seed(seed)
     expert_rel = checkpoint.expert_file(cfg, L, G, size)
     router_rel = checkpoint.group_router_file(cfg, L, G)
-    router = checkpoint.load_weight_file(model_dir / router_rel)
+    router = checkpoint.load_weight_file(model_dir, router_rel)
     if "weight" not in router or router["weight"].shape[0] != size:
         raise UserError(f"{model_dir / router_rel} does not hold the {size}-row router of its "
                         "group; restore it before adding an expert")
     if source is None:
         expert_writer = torch_writer(new_expert_state(cfg, gen))
     else:  # bytes as they are: an int8 expert stays int8
-        expert_writer = checkpoint.copy_writer(model_dir / checkpoint.expert_file(cfg, L, G,
-                                                                                  source))
+        expert_writer = checkpoint.copy_writer(model_dir, checkpoint.expert_file(cfg, L, G,
+                                                                                 source))
     writers = {expert_rel: expert_writer,
                router_rel: torch_writer(widened_router(router, source, gen)),
                checkpoint.CONFIG_FILE: lambda f: f.write(
                    checkpoint.config_bytes(new_cfg, vocab, step))}
-    state_path = model_dir / checkpoint.TRAIN_STATE_FILE
-    if state_path.is_file():
-        state = checkpoint.load_weight_file(state_path, plain=False)
+    if safe_path.lstat(model_dir, checkpoint.TRAIN_STATE_FILE) is not None:
+        state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE, plain=False)
         writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(grown_train_state(state, cfg,
                                                                               new_cfg))
     rewrite(model_dir, writers)

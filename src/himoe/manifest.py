@@ -11,17 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from himoe import safe_path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-def sha256_file(path: Path) -> str:
+def sha256_of(f: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_of(f)
 
 
 def is_safe_name(rel: str) -> bool:
@@ -49,9 +56,10 @@ def to_text(manifest: dict) -> str:
 def read(path: Path) -> dict:
     """The manifest at `path`. ValueError (with the reason) when it is unreadable, malformed
     or names a path outside the directory."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    path = Path(path)
+    try:  # never through a link, never a FIFO
+        data = json.loads(safe_path.read_text(path.parent, path.name))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, safe_path.UnsafeEntry) as e:
         raise ValueError(f"cannot read it ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("himoe_manifest") != MANIFEST_FORMAT:
         raise ValueError("it is not a himoe manifest of format 1")
@@ -70,17 +78,23 @@ def read(path: Path) -> dict:
 
 
 def check(root: Path, manifest: dict) -> list[tuple[str, str]]:
-    """(kind, one line) per listed file that is "missing", or differs in "size" or
-    "content" (sha256)."""
+    """(kind, one line) per listed file that is "missing", differs in "size" or "content"
+    (sha256), or is "unsafe" to open (a link on its path, a special file)."""
     problems = []
     for rel, entry in manifest["files"].items():
         path = Path(root) / rel
-        if not path.is_file():
-            problems.append(("missing", f"{path} is listed in {MANIFEST_FILE} but missing"))
-        elif path.stat().st_size != entry["size"]:
-            problems.append(("size", f"{path} has {path.stat().st_size} bytes, "
-                                     f"{MANIFEST_FILE} says {entry['size']}"))
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(("content", f"{path} differs from the file that was saved "
-                                        "(sha256 mismatch)"))
+        try:
+            st = safe_path.lstat(root, rel)
+            if st is None:
+                problems.append(("missing", f"{path} is listed in {MANIFEST_FILE} but missing"))
+            elif st.st_size != entry["size"]:
+                problems.append(("size", f"{path} has {st.st_size} bytes, "
+                                         f"{MANIFEST_FILE} says {entry['size']}"))
+            else:
+                with safe_path.open_read(root, rel) as f:
+                    if sha256_of(f) != entry["sha256"]:
+                        problems.append(("content", f"{path} differs from the file that was "
+                                                    "saved (sha256 mismatch)"))
+        except safe_path.UnsafeEntry as e:
+            problems.append(("unsafe", str(e)))
     return problems

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from himoe import atomic_dir, checkpoint
+from himoe import atomic_dir, checkpoint, safe_path
 from himoe import manifest as mf
 from himoe.errors import UserError
 from himoe.quantize import dequantize_state
@@ -51,10 +51,11 @@ def rewrite(model_dir: Path, new_files: dict) -> None:
     their namesakes; every other file of the current save is kept byte for byte."""
     model_dir = Path(model_dir)
     manifest = current_manifest(model_dir)
-    writers = {rel: checkpoint.copy_writer(model_dir / rel) for rel in manifest["files"]}
+    writers = {rel: checkpoint.copy_writer(model_dir, rel) for rel in manifest["files"]}
     writers.update(new_files)
     try:
-        note = atomic_dir.save(model_dir, writers, manifest["step"])
+        with checkpoint.writing(model_dir):  # held already by the experts commands
+            note = atomic_dir.save(model_dir, writers, manifest["step"])
     except OSError as e:
         raise UserError(f"saving the changed model to {model_dir} failed: {e.strerror or e}; "
                         "the previous save is kept, free some disk space or check the "
@@ -68,11 +69,12 @@ def logical_shapes(sd: dict) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in dequantize_state(sd).items()}
 
 
-def check_compatible(new_path: Path, old_path: Path) -> None:
-    """new_path may replace old_path: the same entries with the same shapes (a router's
-    balancing bias is optional on either side)."""
-    new = logical_shapes(checkpoint.load_weight_file(new_path))
-    old = logical_shapes(checkpoint.load_weight_file(old_path))
+def check_compatible(from_dir: Path, model_dir: Path, rel: str) -> None:
+    """from_dir/rel may replace model_dir/rel: the same entries with the same shapes (a
+    router's balancing bias is optional on either side)."""
+    new_path, old_path = from_dir / rel, model_dir / rel
+    new = logical_shapes(checkpoint.load_weight_file(from_dir, rel))
+    old = logical_shapes(checkpoint.load_weight_file(model_dir, rel))
     for key, shape in old.items():
         if key == BALANCE_BIAS:
             continue
@@ -121,13 +123,13 @@ def swap(model_dir: Path, from_dir: Path, rel: str) -> str:
     model_dir, from_dir = Path(model_dir), Path(from_dir)
     checkpoint.read_config(from_dir)  # a model directory, with any interrupted save settled
     src, dst = from_dir / rel, model_dir / rel
-    if not src.is_file():
+    if safe_path.lstat(from_dir, rel) is None:
         raise UserError(f"{src} does not exist; --from_dir must be a model with the same "
                         "layout (layers, groups, experts)")
     if src.resolve() == dst.resolve():
         raise UserError(f"--from_dir {from_dir} is --model_dir itself; swap from another model")
-    check_compatible(src, dst)
-    data = src.read_bytes()
+    check_compatible(from_dir, model_dir, rel)
+    data = safe_path.read_bytes(from_dir, rel)
     rewrite(model_dir, {rel: lambda f: f.write(data)})
     cfg, _, _ = checkpoint.read_config(model_dir)
     layer, group, expert = describe_file(rel, cfg)

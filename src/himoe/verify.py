@@ -1,6 +1,7 @@
 """`himoe verify --model_dir DIR`: is DIR one complete save that loads?
 
-Checks, after finishing or discarding an interrupted save: manifest.json is sane; every file
+Checks, after finishing or discarding an interrupted save: no entry at any depth is a
+symbolic link, a special file (FIFO, device) or a hard link; manifest.json is sane; every file
 it lists is present with its size and sha256; every .pt file loads with weights_only=True;
 config.json, manifest.json and train_state.pt name the same step; the model builds and
 takes the weights. Each problem is one line.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from himoe import atomic_dir, checkpoint
+from himoe import atomic_dir, checkpoint, safe_path
 from himoe import manifest as mf
 from himoe.data.tokenizer import tokenizer_for
 from himoe.errors import UserError
@@ -33,10 +34,12 @@ def verify(model_dir: Path) -> tuple[list[str], str]:
 
 
 def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
-    problems: list[str] = []
+    # A link or special file anywhere inside: what could lead outside, or block a reader.
+    scanned = safe_path.scan(model_dir)
+    problems: list[str] = list(scanned)
     manifest_path = model_dir / mf.MANIFEST_FILE
     manifest = None
-    if not manifest_path.is_file():
+    if safe_path.lstat(model_dir, mf.MANIFEST_FILE, "any") is None:
         problems.append(f"{manifest_path} is missing, so no save in {model_dir} is known to "
                         "be complete; save it again (e.g. `himoe train --resume` with a larger "
                         "--max_iters)")
@@ -48,7 +51,8 @@ def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
     if manifest is not None:
         names = list(manifest["files"])
         found = mf.check(model_dir, manifest)
-        problems += [line for _, line in found]
+        # An unsafe entry is already a line of the scan.
+        problems += [line for kind, line in found if kind != "unsafe" or not scanned]
     else:  # still check what is there
         names = sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*.pt")
                        if mf.is_safe_name(str(p.relative_to(model_dir))))
@@ -58,11 +62,14 @@ def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
     unusable = sum(kind != "content" for kind, _ in found)
     train_state = None
     for rel in names:
-        if not rel.endswith(".pt") or not (model_dir / rel).is_file():
-            continue
         try:
-            obj = checkpoint.load_weight_file(model_dir / rel,
+            if not rel.endswith(".pt") or safe_path.lstat(model_dir, rel) is None:
+                continue
+            obj = checkpoint.load_weight_file(model_dir, rel,
                                               plain=rel != checkpoint.TRAIN_STATE_FILE)
+        except safe_path.UnsafeEntry:  # a line of the scan already
+            unusable += 1
+            continue
         except UserError as e:
             problems.append(str(e))
             unusable += 1
@@ -73,7 +80,8 @@ def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
         cfg, vocab, step = checkpoint.read_config_unlocked(model_dir)
         tokenizer_for(cfg, vocab, model_dir)  # a BPE model's tokenizer.json loads and fits
     except UserError as e:
-        problems.append(str(e))
+        if not (isinstance(e, safe_path.UnsafeEntry) and scanned):
+            problems.append(str(e))
         return problems, ""
     if manifest is not None and manifest["step"] != step:
         problems.append(f"{manifest_path} is for step {manifest['step']} but config.json says "
@@ -89,7 +97,8 @@ def _verify_locked(model_dir: Path) -> tuple[list[str], str]:
             checkpoint.from_files(model, model_dir)
             total, _ = model.parameter_counts()  # not counting empty slots of ragged groups
         except UserError as e:
-            problems.append(str(e))
+            if not (isinstance(e, safe_path.UnsafeEntry) and scanned):
+                problems.append(str(e))
         except (RuntimeError, TypeError, ValueError) as e:
             text = str(e).strip()
             problems.append(f"the files in {model_dir} do not build the model config.json "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
+from himoe import safe_path
 from himoe.errors import UserError
 
 
@@ -50,7 +52,7 @@ def domain_expert_heatmaps(layers: list[dict], num_experts: int, out_dir: Path) 
         fig.colorbar(image, ax=ax, label="share of the domain")
         fig.tight_layout()
         path = Path(out_dir) / f"layer_{fig_layer['layer']:02d}_domain_expert.png"
-        fig.savefig(path, dpi=100)
+        safe_path.write_atomic(path, functools.partial(fig.savefig, dpi=100, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths

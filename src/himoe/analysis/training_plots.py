@@ -6,9 +6,9 @@ Both need matplotlib (himoe[plot]); without it training skips them with a one-li
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from himoe import safe_path
 from himoe.analysis.heatmaps import pyplot
 
 LOSS_PNG = "loss_curves.png"
@@ -16,13 +16,8 @@ LOAD_PNG = "expert_load.png"
 
 
 def _save(fig, path: Path) -> None:
-    """Written under a temporary name and renamed: never half a PNG."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Written under a temporary name and renamed: never half a PNG, never through a link."""
+    safe_path.write_atomic(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def loss_curves(plt, metrics_lines: list[str], path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from himoe import safe_path
 from himoe.config import TOKENIZERS
 from himoe.data.corpus import CharTokenizer
 from himoe.errors import UserError
@@ -109,7 +110,7 @@ def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
         return CharTokenizer(vocab)
     path = Path(model_dir) / TOKENIZER_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = safe_path.read_text(model_dir, TOKENIZER_FILE)  # never through a link
     except (OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "strerror", None) or type(e).__name__
         raise UserError(f"{path} cannot be read ({reason}); a BPE model needs its "

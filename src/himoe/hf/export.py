@@ -16,15 +16,19 @@ tokenizers, not transformers. HFDIR is written whole under a temporary name and 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import stat
 import time
 from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
 
+from himoe import safe_path
+from himoe.atomic_dir import WriterLock, is_dead_temp
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.hf.tokenizer import TOKENIZER_FILE, model_tokenizer_json
@@ -71,15 +75,18 @@ def tokenizer_config(cfg: HiMoEConfig) -> dict:
 
 def is_export(path: Path) -> bool:
     """A directory this command wrote before (so --out may replace it without --force)."""
-    try:
-        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # never through a link: an export is as untrusted as a model directory
+        meta = json.loads(safe_path.read_text(path, "config.json"))
+        remote = safe_path.lstat(path, "modeling_himoe.py")
+    except (OSError, ValueError, UserError):
         return False
-    return isinstance(meta, dict) and meta.get("model_type") == "himoe" and \
-        (path / "modeling_himoe.py").is_file()
+    return isinstance(meta, dict) and meta.get("model_type") == "himoe" and remote is not None
 
 
 def check_out(out: Path, force: bool) -> None:
+    if out.is_symlink():  # replacing it would put a folder in the link's place
+        raise UserError(f"--out {out} is a symbolic link; pass the folder it points to, "
+                        f"{os.path.realpath(out)}, or another path")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not is_export(out) and not force:
@@ -139,6 +146,13 @@ def replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_dead_leftovers(out: Path) -> None:
+    """The .OUT.tmp-PID and .OUT.old-PID folders of exports to out that were killed."""
+    for path in out.absolute().parent.glob(f".{glob.escape(out.name)}.*-*"):
+        if is_dead_temp(path.name) and stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)  # never follows a link inside
+
+
 def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     """Write the export of model_dir to out; returns a summary for the command line."""
     from himoe.checkpoint import load_model, read_config
@@ -151,13 +165,18 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"--out {out} would replace the model directory {model_dir}; pick a "
                         "path outside it")
     cfg, vocab, _ = read_config(model_dir)  # bad input stops here, before the bar starts
+    safe_path.check_tree(model_dir)  # a link or FIFO would stop the load half-way
     tokenizer = model_tokenizer_json(model_dir, vocab, cfg.vocab_size)
     # Three steps of similar length for a card-size model: read the expert files, write
     # the weights, make them durable.
-    with tqdm(total=3, desc="export-hf", unit="step", leave=False) as bar:
+    # One export to out at a time; the lock file sits beside out, and goes with the lock.
+    lock = WriterLock(out.absolute().parent, f".{out.name}.himoe-lock", remove=True,
+                      flag="--out", shown=out)
+    with lock, tqdm(total=3, desc="export-hf", unit="step", leave=False) as bar:
         bar.set_postfix_str("load")
         model, cfg, vocab, step = load_model(model_dir)
         bar.update()
+        remove_dead_leftovers(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:

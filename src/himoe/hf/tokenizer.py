@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from himoe import safe_path
 from himoe.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -35,16 +36,16 @@ def char_tokenizer_json(vocab: list[str]) -> str:
 def model_tokenizer_json(model_dir: Path, vocab: list[str], vocab_size: int) -> str:
     """The tokenizer.json text an export of model_dir ships."""
     path = Path(model_dir) / TOKENIZER_FILE
-    meta = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    meta = json.loads(safe_path.read_text(model_dir, "config.json"))
     kind = meta.get("tokenizer", meta.get("config", {}).get("tokenizer", "char"))
-    if not path.is_file():
+    if safe_path.lstat(model_dir, TOKENIZER_FILE) is None:
         if kind != "char":
             raise UserError(f"{model_dir}/config.json names the {kind!r} tokenizer but "
                             f"{path} is missing; copy the model's tokenizer.json back")
         return char_tokenizer_json(vocab)
     from tokenizers import Tokenizer
 
-    text = path.read_text(encoding="utf-8")
+    text = safe_path.read_text(model_dir, TOKENIZER_FILE)
     try:
         size = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
     except Exception as e:  # tokenizers raises its own Exception type for a broken file

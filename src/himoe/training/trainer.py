@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from himoe import checkpoint
+from himoe import atomic_dir, checkpoint, safe_path
 from himoe.analysis.balance import collapse_warning, load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
@@ -208,7 +208,7 @@ def flag_collapse(layers: list[dict], cfg: HiMoEConfig) -> list[str]:
 class Trainer:
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
                  skip_nonfinite: bool = False, train_only: str | None = None,
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, force: bool = False):
         # parallel: this process's part in a torchrun job (himoe.distributed); only rank 0
         # prints, shows the bar and writes files.
         self.parallel = parallel = parallel or Parallel()
@@ -220,6 +220,7 @@ class Trainer:
             raise UserError("--train_only fine-tunes parts of a saved model; add --resume "
                             "(and a larger --max_iters)")
         self.freezer: Freezer | None = None
+        checkpoint.check_model_dir_flag(cfg.model_dir)
         self.model_dir = Path(cfg.model_dir)
         # skip_nonfinite: a step with a non-finite loss or gradient norm is skipped (no
         # update, counted) instead of stopping the run.
@@ -231,6 +232,41 @@ class Trainer:
         corpus = load_documents(cfg.data_file)
         self.corpus_sha256 = corpus.sha256()
         checkpoint.check_model_dir_writable(self.model_dir)
+        # force: a new model may replace the one in model_dir (never a folder of other files).
+        self._lock = self._lock_model_dir(resume, force)
+        try:
+            self._load(cfg, corpus, resume, train_only)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _lock_model_dir(self, resume: bool, force: bool) -> atomic_dir.WriterLock:
+        """The writer lock, held until train() ends: a second writer stops at once. What
+        would refuse the directory is checked before the lock file is made in it, and the
+        overwrite check again under the lock."""
+        if not resume:
+            checkpoint.check_new_model_dir(self.model_dir, force)
+        else:
+            checkpoint.read_config(self.model_dir)  # no model there: say so first
+        if self.model_dir.exists():  # nothing planted that a save would write through
+            safe_path.check_tree(self.model_dir)
+        lock = atomic_dir.WriterLock(self.model_dir, create=not resume)
+        if self.parallel.is_main:  # the one rank that writes
+            lock.acquire()
+            if not resume:
+                try:
+                    checkpoint.check_new_model_dir(self.model_dir, force)
+                except UserError:
+                    lock.release()
+                    raise
+        return lock
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._lock.release()
+
+    def _load(self, cfg: HiMoEConfig, corpus, resume: bool, train_only: str | None) -> None:
+        parallel = self.parallel
         self.metrics_lines: list[str] = []  # metrics.jsonl, saved with each checkpoint
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
@@ -296,10 +332,11 @@ class Trainer:
 
     def _restore_train_state(self) -> None:
         path = self.model_dir / checkpoint.TRAIN_STATE_FILE
-        if not path.is_file():
+        if safe_path.lstat(self.model_dir, checkpoint.TRAIN_STATE_FILE) is None:
             raise UserError(f"{path} is missing, so training cannot resume exactly; "
                             "drop --resume to start a new run")
-        state = checkpoint.load_weight_file(path, plain=False)
+        state = checkpoint.load_weight_file(self.model_dir, checkpoint.TRAIN_STATE_FILE,
+                                            plain=False)
         if state.get("step") != self.step:
             raise UserError(f"{path} is for step {state.get('step')} but config.json says "
                             f"{self.step}; the last save was interrupted, re-run without --resume")
@@ -333,6 +370,14 @@ class Trainer:
 
     # --- the loop ---
     def train(self, stop_at: int | None = None) -> TrainResult:
+        if self.parallel.is_main:
+            self._lock.acquire()  # held since __init__, unless an earlier train() ended
+        try:
+            return self._train(stop_at)
+        finally:
+            self._lock.release()
+
+    def _train(self, stop_at: int | None) -> TrainResult:
         cfg, model = self.cfg, self.model
         if self.step >= cfg.max_iters:
             raise UserError(f"the model in {self.model_dir} is already at step {self.step} of "
