@@ -395,7 +395,7 @@ class Trainer:
         while self.step < cfg.max_iters:
             lr = lr_at(self.step, cfg)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_mult", 1.0)
+                group["lr"] = lr
             if cfg.intra_warmup:
                 model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
