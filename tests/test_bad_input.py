@@ -338,6 +338,8 @@ CASES = {
     "vocab_size 10^9": (train_flags("--tokenizer", "bpe", "--vocab_size", str(10**9)),
                         "--vocab_size"),
     "max_iters 10^30": (train_flags("--max_iters", str(10**30)), "--max_iters"),
+    "capacity_factor 1e308": (train_flags("--capacity_factor", "1e308"), "--capacity_factor"),
+    "ema_beta above 1": (train_flags("--ema_beta", "5"), "--ema_beta 5.0 is above the limit"),
     "resume changes the model shape": (lambda w, mp: ["train", "--resume", "--n_embd", "32",
                                                       "--model_dir", w / "model"], "differs"),
     "resume past max_iters": (lambda w, mp: ["train", "--resume", "--max_iters", "2",

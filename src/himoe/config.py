@@ -174,7 +174,10 @@ NON_NEGATIVE = ("expert_hidden", "warmup_iters", "intra_warmup", "sample_tokens"
                 "vocab_size")
 UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "eval_iters",
                                                 "warmup_iters", "intra_warmup")} | {
-    "sample_tokens": MAX_NEW_TOKENS, "seed": SEED_MAX}
+    "sample_tokens": MAX_NEW_TOKENS, "seed": SEED_MAX,
+    # Above the expert count a capacity factor already keeps every token; an EMA decay > 1
+    # grows instead of averaging.
+    "capacity_factor": 10**6, "ema_beta": 1}
 FLAG_NAMES = {"bpe_vocab_size": "vocab_size"}  # the flag a field is set with, where it differs
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
