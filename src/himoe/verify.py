@@ -1,7 +1,8 @@
 """`himoe verify --model_dir DIR`: is DIR one complete save that loads?
 
 Checks, after finishing or discarding an interrupted save: manifest.json is sane; every file
-it lists is present with its size and sha256; every .pt file loads with weights_only=True;
+it lists is present with its size and sha256; every .pt file loads with weights_only=True
+(weight files: finite numbers only); config.json has values of the declared types and ranges;
 config.json, manifest.json and train_state.pt name the same step; the model builds and
 takes the weights. Each problem is one line.
 """
