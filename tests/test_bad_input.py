@@ -2,12 +2,15 @@
 traceback, nothing written. Most cases call himoe.cli.main in-process (fast); one runs the
 real command to check the process as a whole."""
 
+import contextlib
 import errno
 import io
 import json
 import os
 import pickle
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 
 from himoe import checkpoint
 from himoe.cli import main
+from himoe.data import corpus as corpus_module
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -127,6 +131,11 @@ def edit_config(edit):
     return change
 
 
+def set_config(command="generate", **values):
+    """config.json with these values in its "config"; the manifest still matches."""
+    return broken_model(edit_config(lambda meta: meta["config"].update(values)), command)
+
+
 def truncate(rel):
     def change(m):
         data = (m / rel).read_bytes()
@@ -159,6 +168,47 @@ def resume_on_new_characters(w, mp):
             "--data_file", w / "upper.txt"]
 
 
+def poison(rel, value):
+    """Every floating tensor of weight file `rel` gets one `value` (NaN, inf)."""
+    def change(m):
+        sd = torch.load(m / rel, weights_only=True)
+        for t in sd.values():
+            if t.is_floating_point():
+                t.view(-1)[0] = value
+        torch.save(sd, m / rel)
+    return change
+
+
+def special_file(kind):
+    """--data_file naming something that is not a regular file: reading it would hang
+    (a FIFO with no writer), never end (/dev/zero) or fail (a socket)."""
+    def setup(w, mp):
+        if kind == "fifo":
+            os.mkfifo(w / "fifo.txt")
+            path = w / "fifo.txt"
+        elif kind == "socket":
+            with socket.socket(socket.AF_UNIX) as s:
+                s.bind("sock.txt")  # relative: a socket path has a length limit
+            path = w / "sock.txt"
+        elif kind == "fifo in a directory":
+            (w / "docs").mkdir()
+            (w / "docs" / "a.txt").write_text(TEXT)
+            os.mkfifo(w / "docs" / "b.txt")
+            path = w / "docs"
+        elif kind == "fifo in a glob":
+            os.mkfifo(w / "pipe.txt")
+            path = w / "*.txt"
+        else:
+            path = Path(kind)
+        return ["train", *SMALL, "--data_file", path, "--model_dir", w / "new"]
+    return setup
+
+
+def corpus_over_the_limit(w, mp):
+    mp.setattr(corpus_module, "MAX_CORPUS_BYTES", 500)
+    return train_flags()(w, mp)
+
+
 EXPERT = "layer_01_moe_expert_002/model_001.pt"
 CASES = {
     # corpus
@@ -181,6 +231,45 @@ CASES = {
                          "not valid UTF-8"),
     "corpus shorter than block_size+1": (write("short.txt", "abcdef"), "too short"),
     "validation split too short": (write("short_val.txt", "abcdefghij" * 10), "too short"),
+    # special files and sizes as the corpus
+    "corpus is a FIFO": (special_file("fifo"), "is not a regular file"),
+    "corpus is /dev/zero": (special_file("/dev/zero"), "is not a regular file"),
+    "corpus is a socket": (special_file("socket"), "is not a regular file"),
+    "corpus directory holds a FIFO": (special_file("fifo in a directory"),
+                                      "is not a regular file"),
+    "corpus glob matches a FIFO": (special_file("fifo in a glob"), "is not a regular file"),
+    "corpus above the size limit": (corpus_over_the_limit, "larger than the 500-byte limit"),
+    # config.json values of the wrong type or absurd size, manifest left consistent
+    "config.json float for an int": (set_config(n_embd=16.0),
+                                     "config.json: n_embd must be an integer, got 16.0"),
+    "config.json bool for an int": (set_config(num_moes=True),
+                                    "config.json: num_moes must be an integer, got true"),
+    "config.json bool for a float": (set_config(dropout=False),
+                                     "config.json: dropout must be a number, got false"),
+    "config.json string for a bool": (set_config(renormalize="yes"),
+        "renormalize must be true or false"),
+    "config.json null for an int": (set_config(n_layer=None),
+                                    "n_layer must be an integer, got null"),
+    "config.json list for a string": (set_config(router=["topk"]), "router must be a string"),
+    "config.json num_experts 10^9": (set_config(num_experts=10**9),
+                                      "num_experts 1000000000 is above the limit of 4,096"),
+    "config.json n_embd 10^9 (resume)": (set_config(n_embd=10**9, command="train"),
+                                         "config.json: n_embd 1000000000 is above"),
+    "config.json block_size 10^12": (set_config(block_size=10**12),
+                                      "block_size 1000000000000 is above"),
+    "config.json vocab_size 10^10": (set_config(vocab_size=10**10),
+                                      "vocab_size 10000000000 is above"),
+    "config.json negative seed": (set_config(seed=-1, command="train"),
+                                   "config.json: seed must be >= 0, got -1"),
+    "config.json step not an integer": (broken_model(edit_config(
+        lambda meta: meta.update(step=1.5))), "step must be an integer >= 0, got 1.5"),
+    "config.json vocab a string": (broken_model(edit_config(
+        lambda meta: meta.update(vocab="abc"))), "vocabulary must be a list"),
+    # weights that are not finite
+    "NaN in the backbone": (broken_model(poison("backbone.pt", float("nan"))), "not finite"),
+    "inf in an expert": (broken_model(poison(EXPERT, float("inf"))), "not finite"),
+    "NaN in a router (resume)": (broken_model(poison("layer_01_main_router.pt", float("nan")),
+                                              "train"), "not finite"),
     # model directory, read by generate and by train --resume
     "model file missing": (broken_model(remove(EXPERT)), "is missing"),
     "model file missing (resume)": (broken_model(remove(EXPERT), "train"), "is missing"),
@@ -199,10 +288,9 @@ CASES = {
     "truncated weight file": (broken_model(truncate("backbone.pt")), "cannot load"),
     "config.json not JSON": (broken_model(lambda m: (m / "config.json").write_text("{oops")),
                              "is broken"),
-    "config.json wrong type": (broken_model(edit_config(
-        lambda meta: meta["config"].update(n_embd="wide"))), "is broken"),
-    "config.json impossible value": (broken_model(edit_config(
-        lambda meta: meta["config"].update(n_head=3))), "not divisible"),
+    "config.json wrong type": (set_config(n_embd="wide"),
+                               'n_embd must be an integer, got "wide"'),
+    "config.json impossible value": (set_config(n_head=3), "not divisible"),
     "config.json vocab mismatch": (broken_model(edit_config(
         lambda meta: meta["vocab"].pop())), "does not match"),
     "config.json missing": (broken_model(remove("config.json")), "config.json is missing"),
@@ -236,16 +324,37 @@ CASES = {
     "bool not a bool": (train_flags("--compile", "maybe"), "true or false"),
     "unknown router": (train_flags("--router", "magic"), "invalid choice"),
     "unknown flag": (train_flags("--no_such_flag", "4"), "unrecognized"),
+    "seed negative": (train_flags("--seed", "-1"), "--seed must be >= 0, got -1"),
+    "seed above 2^64": (train_flags("--seed", str(2**64)), "--seed 18446744073709551616 is above"),
+    "sample_tokens negative": (train_flags("--sample_tokens", "-1"), "--sample_tokens"),
+    "num_experts 10^9": (train_flags("--num_experts", str(10**9)), "--num_experts"),
+    "n_embd 10^6": (train_flags("--n_embd", str(10**6), "--n_head", "2"), "above the limit"),
+    "sizes too large together": (train_flags("--n_embd", "65536", "--num_experts", "64"),
+                                 "GB of memory"),
+    "batch_size 10^9": (train_flags("--batch_size", str(10**9)), "--batch_size"),
+    "batch too large for memory": (train_flags("--batch_size", str(2**20), "--block_size", "1024"),
+                                   "needs at least"),
+    "block_size 10^9": (train_flags("--block_size", str(10**9)), "--block_size"),
+    "vocab_size 10^9": (train_flags("--tokenizer", "bpe", "--vocab_size", str(10**9)),
+                        "--vocab_size"),
+    "max_iters 10^30": (train_flags("--max_iters", str(10**30)), "--max_iters"),
+    "capacity_factor 1e308": (train_flags("--capacity_factor", "1e308"), "--capacity_factor"),
+    "ema_beta above 1": (train_flags("--ema_beta", "5"), "--ema_beta 5.0 is above the limit"),
     "resume changes the model shape": (lambda w, mp: ["train", "--resume", "--n_embd", "32",
                                                       "--model_dir", w / "model"], "differs"),
     "resume past max_iters": (lambda w, mp: ["train", "--resume", "--max_iters", "2",
                                              "--model_dir", w / "model"], "already at step"),
     "resume on a corpus with new characters": (resume_on_new_characters, "does not know"),
     # impossible generation flags
-    "max_new_tokens negative": (generate_flags("--max_new_tokens", "-1"), ">= 0"),
+    "max_new_tokens negative": (generate_flags("--max_new_tokens", "-1"), "between 0 and"),
     "num_samples zero": (generate_flags("--num_samples", "0"), ">= 1"),
     "temperature negative": (generate_flags("--temperature", "-1"), "--temperature"),
     "temperature nan": (generate_flags("--temperature", "nan"), "--temperature"),
+    "num_samples 10^8": (generate_flags("--num_samples", str(10**8)), "--num_samples"),
+    "max_new_tokens 10^12": (generate_flags("--max_new_tokens", str(10**12)),
+                             "--max_new_tokens"),
+    "generate seed negative": (generate_flags("--seed", "-1"), "--seed must be"),
+    "generate seed above 2^64": (generate_flags("--seed", str(2**64 + 1)), "--seed must be"),
     "top_k zero": (generate_flags("--top_k", "0"), "--top_k must be >= 1"),
     "top_p zero": (generate_flags("--top_p", "0"), "--top_p must be in (0, 1]"),
     "top_p above one": (generate_flags("--top_p", "1.5"), "--top_p must be in (0, 1]"),
@@ -256,12 +365,27 @@ CASES = {
 }
 
 
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, work, capsys, monkeypatch):
     setup, needle = CASES[case]
     argv = setup(work, monkeypatch)
     before = tree(work)
-    code, out, err = himoe(argv, capsys)
+    with time_limit(120):  # reading a FIFO used to hang
+        code, out, err = himoe(argv, capsys)
     assert_one_line_error(code, err, needle)
     assert tree(work) == before  # no directory created, no file touched
 
@@ -379,3 +503,62 @@ def test_a_negative_value_is_read_as_a_value(tmp_path, capsys):
     code, _, err = himoe(["train", "--model_dir", tmp_path / "m", "--lr", "-1e-3"], capsys)
     assert_one_line_error(code, err, "--lr must be a finite non-negative number, got -0.001")
     assert not (tmp_path / "m").exists()
+
+
+# --- what verify sees must be what a load would trip on ---
+
+@pytest.mark.parametrize("change, needle", [
+    (poison("backbone.pt", float("nan")), "not finite"),
+    (edit_config(lambda meta: meta["config"].update(num_experts=10**9)), "num_experts 1000000000"),
+    (edit_config(lambda meta: meta["config"].update(n_head=2.0)), "n_head must be an integer"),
+], ids=["NaN weights", "num_experts 10^9", "float n_head"])
+def test_verify_reports_what_would_stop_a_load(change, needle, work, capsys):
+    change(work / "model")
+    code, out, err = himoe(["verify", "--model_dir", work / "model"], capsys)
+    assert code == 2 and "Traceback" not in err and "OK" not in out
+    assert any(needle in line for line in err.splitlines()), err
+
+
+def test_the_largest_seed_trains_and_generates(work, capsys):
+    top = str(2**63 - 1)
+    code, _, err = himoe(["train", *SMALL, "--max_iters", "1", "--eval_interval", "1",
+                          "--seed", top, "--data_file", work / "corpus.txt",
+                          "--model_dir", work / "run"], capsys)
+    assert code == 0, err
+    code, out, err = himoe(["generate", "--model_dir", work / "run", "--max_new_tokens", "3",
+                            "--seed", top], capsys)
+    assert code == 0 and out.strip(), err
+
+
+# --- a full disk during export-hf ---
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["earlier export", "first export"])
+@pytest.mark.parametrize("where", ["weights", "json"])
+def test_a_full_disk_during_export_keeps_the_earlier_export(where, earlier, work, capsys,
+                                                            monkeypatch):
+    pytest.importorskip("safetensors")
+    import safetensors.torch
+
+    out = work / "hf"
+    if earlier:
+        code, _, err = himoe(["export-hf", "--model_dir", work / "model", "--out", out], capsys)
+        assert code == 0, err
+    before = tree(work)
+    real_write_text = Path.write_text
+
+    def full(path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    if where == "weights":
+        monkeypatch.setattr(safetensors.torch, "save_file",
+                            lambda tensors, path, metadata=None: full(path))
+    else:
+        monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full(self)
+                            if self.name == "generation_config.json"
+                            else real_write_text(self, *a, **k))
+    code, _, err = himoe(["export-hf", "--model_dir", work / "model", "--out", out], capsys)
+    assert_one_line_error(code, err, "No space left on device")
+    assert (f"{out} is unchanged" if earlier else f"nothing was written to {out}") in err
+    assert tree(work) == before  # nothing half-written beside it either

@@ -93,3 +93,9 @@ def test_dense_baseline_saves_only_a_backbone(tmp_path):
     loaded, *_ = checkpoint.load_model(tmp_path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key])
+
+
+@pytest.mark.parametrize("router", ["hierarchical", "grouped", "topk", "group_limited", "dense"])
+def test_parameter_estimate_counts_what_the_model_allocates(router):
+    cfg = tiny_config(router=router, n_layer=3, expert_hidden=24)
+    assert cfg.parameter_estimate() == sum(p.numel() for p in HiMoEModel(cfg).parameters())

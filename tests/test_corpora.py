@@ -5,6 +5,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,59 @@ def test_read_only_corpus_directory_gets_no_cache(tmp_path, monkeypatch):
     finally:
         docs.chmod(0o755)
     assert len(ids) == 3 and not (docs / corpora.CACHE_DIR).exists()
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+CORRUPT = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "garbage": lambda data: b"\x00not a zip\xff" * 50,
+    "empty": lambda data: b"",
+    "ids past the vocabulary": lambda data: _npz(ids=np.array([10**6] * 3, dtype=np.int32),
+                                                  lengths=np.array([1, 1, 1])),
+    "negative ids": lambda data: _npz(ids=np.array([-1, 0, 0], dtype=np.int32),
+                                      lengths=np.array([1, 1, 1])),
+    "negative lengths": lambda data: _npz(ids=np.array([0, 0, 0], dtype=np.int32),
+                                          lengths=np.array([4, -2, 1])),
+    "float ids": lambda data: _npz(ids=np.array([0.5, 0, 0]), lengths=np.array([1, 1, 1])),
+    "object arrays": lambda data: _npz(ids=np.array([[1], "x"], dtype=object),
+                                       lengths=np.array([1, 1])),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPT))
+def test_a_corrupt_token_cache_is_rebuilt_with_a_warning(damage, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    corpus = load_documents(make_docs(tmp_path, 3))
+    tok = train_tokenizer("char", corpus, 0)
+    first = encode_documents(corpus, tok)
+    (cache,) = (tmp_path / "docs" / corpora.CACHE_DIR).glob("tokens-*.npz")
+    good = cache.read_bytes()
+    cache.write_bytes(CORRUPT[damage](good))
+    capsys.readouterr()
+    again = encode_documents(corpus, tok)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("himoe:")]  # not the bar
+    assert len(lines) == 1 and "token cache" in lines[0] and "rebuilt" in lines[0], err
+    assert cache.read_bytes() == good  # written again, whole
+    assert not list(cache.parent.glob(".*tmp*"))
+
+
+def test_training_goes_on_over_a_truncated_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    docs = make_docs(tmp_path, 4)
+    argv = ["train", "--data_file", docs, "--n_embd", "16", "--n_head", "2", "--block_size",
+            "16", "--num_moes", "2", "--num_experts", "2", "--batch_size", "2", "--max_iters",
+            "1", "--eval_interval", "1", "--eval_iters", "1", "--sample_tokens", "4",
+            "--device", "cpu"]
+    assert himoe([*argv, "--model_dir", tmp_path / "a"], capsys)[0] == 0
+    (cache,) = (docs / corpora.CACHE_DIR).glob("tokens-*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])
+    code, _, err = himoe([*argv, "--model_dir", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert "token cache" in err and "Traceback" not in err

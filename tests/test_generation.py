@@ -57,3 +57,14 @@ def test_top_k_and_top_p_restrict_the_choice():
     picked = sample_next(logits, 1.0, top_p=0.8, generator=gen)
     assert set(picked.flatten().tolist()) == {0, 1}
     assert sample_next(logits[:1], 0.0).item() == 0
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-320, None), (1e-40, 0.9), (1.0, 1e-320),
+                                                (0.5, 5e-324)])
+def test_extreme_temperature_and_top_p_pick_the_top_token(temperature, top_p):
+    # logits / 1e-320 overflow to inf (softmax gives NaN); a top_p below float rounding
+    # used to drop even the first token.
+    logits_BV = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    gen = torch.Generator().manual_seed(0)
+    picks = sample_next(logits_BV, temperature, top_p=top_p, generator=gen)
+    assert picks.flatten().tolist() == [1, 0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from himoe.cli import seed_flag
 from himoe.config import DEVICES
 from himoe.errors import UserError
 
@@ -176,6 +177,6 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top_k", "--top-k", type=int, default=None)
     p.add_argument("--top_p", "--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=seed_flag, default=1337)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=cmd_chat)

@@ -136,6 +136,11 @@ def load_weight_file(model_dir: Path, rel: str, plain: bool = True) -> dict:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
         raise UserError(f"{path} does not hold a state_dict of tensors; replace it with a "
                         "file saved by himoe")
+    if plain:  # NaN or inf weights would load and then break every forward pass
+        bad = [k for k, v in obj.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise UserError(f"{path}: {', '.join(bad)} holds values that are not finite (NaN "
+                            "or inf); restore the file from a backup or re-train")
     return obj
 
 
@@ -430,14 +435,17 @@ def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
     try:
         meta = json.loads(safe_path.read_text(model_dir, CONFIG_FILE))
         cfg = HiMoEConfig.from_dict(meta["config"])
-        vocab, step = list(meta["vocab"]), int(meta["step"])
-        cfg.validate()  # inside: a value of the wrong type fails here with a TypeError
+        vocab, step = meta["vocab"], meta["step"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
             ValueError) as e:
         raise UserError(f"{path} is broken ({type(e).__name__}: {e}); restore it from a "
                         "backup or re-train") from None
-    if not vocab or not all(isinstance(c, str) and c for c in vocab) or \
-            len(set(vocab)) != len(vocab):
+    cfg.validate(origin=path)  # each value's type and range, before anything is allocated
+    if type(step) is not int or step < 0:
+        raise UserError(f"{path}: step must be an integer >= 0, got {json.dumps(step)}; "
+                        "restore the file from a backup")
+    if not isinstance(vocab, list) or not vocab or \
+            not all(isinstance(c, str) and c for c in vocab) or len(set(vocab)) != len(vocab):
         raise UserError(f"{path}: the vocabulary must be a list of distinct non-empty strings; "
                         "restore the file")
     if cfg.vocab_size != len(vocab):

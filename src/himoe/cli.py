@@ -14,9 +14,11 @@ from himoe.config import (
     DEVICES,
     DTYPES,
     LOGGERS,
+    MAX_NEW_TOKENS,
     MODEL_FIELDS,
     REG_FORMS,
     ROUTERS,
+    SEED_MAX,
     TOKENIZERS,
     HiMoEConfig,
 )
@@ -158,12 +160,25 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def seed_flag(text: str) -> int:
+    """argparse type of --seed: an integer every random generator here accepts."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed needs an integer, got {text!r}") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"--seed must be between 0 and {SEED_MAX} (2^63 - 1), "
+                                         f"got {seed}")
+    return seed
+
+
 def check_generate_args(args) -> None:
     """Flags that can never work, refused before the model is loaded."""
     if args.num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max_new_tokens must be between 0 and {MAX_NEW_TOKENS:,}, got "
+                        f"{args.max_new_tokens}")
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
                         f"{args.temperature}")
@@ -180,6 +195,7 @@ def cmd_generate(args) -> int:
     from himoe.checkpoint import load_model
     from himoe.data.corpus import show_chars
     from himoe.data.tokenizer import tokenizer_for
+    from himoe.memory import check_generation_fits
 
     check_generate_args(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -188,6 +204,7 @@ def cmd_generate(args) -> int:
     device = "cuda" if args.device == "cuda" or (args.device == "auto"
                                                  and torch.cuda.is_available()) else "cpu"
     model, cfg, vocab, _ = load_model(Path(args.model_dir), device)
+    check_generation_fits(cfg, device, args.num_samples, len(args.prompt) + args.max_new_tokens)
     model.eval()
     tok = tokenizer_for(cfg, vocab, Path(args.model_dir))
     # Characters the model never saw: refused by default (--unknown error), or dropped with
@@ -265,7 +282,7 @@ def build_parser() -> Parser:
     gen.add_argument("--top_p", "--top-p", type=float, default=None)
     gen.add_argument("--num_samples", "--num-samples", type=int, default=1,
                      help="independent samples of the same prompt, generated as one batch")
-    gen.add_argument("--seed", type=int, default=1337)
+    gen.add_argument("--seed", type=seed_flag, default=1337)
     gen.add_argument("--device", choices=DEVICES, default="auto")
     gen.add_argument("--no_cache", "--no-cache", action="store_true",
                      help="recompute the context at every step instead of using the KV cache")

@@ -10,7 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 from himoe.errors import UserError
 
@@ -118,80 +122,35 @@ class HiMoEConfig:
             return self.top_k_experts
         return self.top_k_groups * self.top_k_experts
 
-    def validate(self) -> HiMoEConfig:
-        positive = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
-                    "top_k_groups", "top_k_experts", "ffn_mult", "batch_size", "max_iters",
-                    "eval_interval", "eval_iters")
-        if not 0.0 <= self.shared_fraction < 1.0:
-            raise UserError(f"--shared_fraction must be in [0, 1) (the shared expert's share "
-                            f"of the active FFN width), got {self.shared_fraction}")
-        if self.shared_fraction and self.router == "dense":
-            raise UserError("--shared_fraction needs a MoE --router; the dense baseline is one "
-                            "FFN already: drop the flag")
-        if self.expert_hidden < 0:
-            raise UserError(f"--expert_hidden must be >= 0 (0: ffn_mult * n_embd), got "
-                            f"{self.expert_hidden}")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise UserError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}; "
-                            "pick sizes where n_embd % n_head == 0")
-        if self.top_k_groups > self.num_moes:
-            raise UserError(f"--top_k_groups {self.top_k_groups} is larger than --num_moes "
-                            f"{self.num_moes}; use at most {self.num_moes}")
-        # How many experts top_k_experts may pick from depends on the router.
-        pool = {"topk": self.total_experts,
-                "group_limited": self.top_k_groups * self.num_experts}.get(self.router,
-                                                                           self.num_experts)
-        if self.top_k_experts > pool:
-            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than the "
-                            f"{pool} experts the {self.router} router picks from; use at most "
-                            f"{pool}")
-        for name in ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio",
-                     "capacity_factor", "switch_coef", "z_coef", "inter_coef", "intra_coef",
-                     "bias_tau", "ema_beta", "router_temp", "bias_update_rate"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"--{name} must be a finite non-negative number, got {value}")
-        if self.lr == 0:
-            raise UserError("--lr must be greater than 0")
-        if self.dropout >= 1:
-            raise UserError(f"--dropout must be below 1, got {self.dropout}")
-        if self.warmup_iters < 0:
-            raise UserError(f"--warmup_iters must be >= 0, got {self.warmup_iters}")
-        if self.router_temp == 0:
-            raise UserError("--router_temp must be greater than 0")
-        if self.intra_warmup < 0:
-            raise UserError(f"--intra_warmup must be >= 0, got {self.intra_warmup}")
-        if self.group_experts is not None:
-            self._validate_group_experts()
-        choices = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
-                   "tokenizer": TOKENIZERS, "log": LOGGERS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--{name} {getattr(self, name)!r} is not one of "
-                                f"{', '.join(allowed)}")
-        return self
+    def parameter_estimate(self) -> int:
+        """Parameters of the model this configuration builds (every group full, embeddings
+        counted once as the LM head is tied), from the sizes alone: nothing is allocated."""
+        D, F, E = self.n_embd, self.ffn_hidden, self.total_experts
+        attention = 4 * D * D + 4 * D + 4 * D  # qkv and proj with biases, two LayerNorms
+        if self.router == "dense":
+            ffn = 2 * D * F + F + D
+        else:
+            # A level-1 gate and level-2 gates; one gate over all experts; grouped: + scales.
+            routers = {"hierarchical": self.num_moes * D + E * D,
+                       "grouped": E * D + E}.get(self.router, E * D)
+            ffn = E * (2 * D * F + F + D) + routers
+            if self.shared_hidden:
+                ffn += 2 * D * self.shared_hidden + self.shared_hidden + D
+        return (self.vocab_size + self.block_size) * D + 2 * D + self.n_layer * (attention + ffn)
 
-    def _validate_group_experts(self) -> None:
-        sizes = self.group_experts
-        if self.router != "hierarchical":
-            raise UserError(f"group_experts (groups of different sizes) needs the hierarchical "
-                            f"router, not {self.router!r}; restore config.json")
-        if not (isinstance(sizes, list) and len(sizes) == self.n_layer and all(
-                isinstance(row, list) and len(row) == self.num_moes and
-                all(isinstance(n, int) and 1 <= n <= self.num_experts for n in row)
-                for row in sizes)):
-            raise UserError(f"group_experts must list, for each of the {self.n_layer} layers, "
-                            f"the expert count (1-{self.num_experts}) of each of the "
-                            f"{self.num_moes} groups; restore config.json")
-        if max(max(row) for row in sizes) != self.num_experts:
-            raise UserError("num_experts must equal the largest group in group_experts; "
-                            "restore config.json")
-        if self.top_k_experts > min(min(row) for row in sizes):
-            raise UserError(f"--top_k_experts {self.top_k_experts} is larger than the smallest "
-                            "group; use at most its size")
+    def validate(self, origin: str | Path | None = None) -> HiMoEConfig:
+        """Every value against its declared type and its range. origin: the config.json the
+        values were read from, named in the error with the fix for a file; None: they came
+        from flags, named --flag."""
+        flag = (lambda name: f"--{FLAG_NAMES.get(name, name)}") if origin is None else str
+        problem = _first_problem(self, flag)
+        if problem is not None:
+            text, fix = problem
+            if origin is not None:
+                raise UserError(f"{origin}: {text}; correct the value or restore the file "
+                                "from a backup (a config.json himoe wrote passes this check)")
+            raise UserError(f"{text}; {fix}")
+        return self
 
     # --- JSON round trip ---
     def to_dict(self) -> dict:
@@ -208,6 +167,149 @@ class HiMoEConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+# Upper bounds far beyond any real run (the largest public models use n_embd ~2^14, 256
+# experts, vocabularies ~2^18) that stop an absurd value before anything is allocated.
+# n_head and the top-k counts are bounded by these through the checks that follow.
+LIMITS = {"n_embd": 1 << 16, "n_layer": 1024, "block_size": 1 << 20, "num_moes": 4096,
+          "num_experts": 4096, "ffn_mult": 1024, "expert_hidden": 1 << 20,
+          "vocab_size": 1 << 24, "bpe_vocab_size": 1 << 22, "batch_size": 1 << 20}
+STEP_LIMIT = 10**12  # max_iters and the other step counts
+MAX_NEW_TOKENS = 10**7  # sample_tokens here, generate --max_new_tokens
+SEED_MAX = 2**63 - 1  # torch takes up to 2^64 - 1; training also seeds with seed + 1
+POSITIVE = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
+            "top_k_groups", "top_k_experts", "ffn_mult", "batch_size", "max_iters",
+            "eval_interval", "eval_iters")
+NON_NEGATIVE = ("expert_hidden", "warmup_iters", "intra_warmup", "sample_tokens", "seed",
+                "vocab_size")
+UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "eval_iters",
+                                                "warmup_iters", "intra_warmup")} | {
+    "sample_tokens": MAX_NEW_TOKENS, "seed": SEED_MAX,
+    # Above the expert count a capacity factor already keeps every token; an EMA decay > 1
+    # grows instead of averaging.
+    "capacity_factor": 10**6, "ema_beta": 1}
+FLAG_NAMES = {"bpe_vocab_size": "vocab_size"}  # the flag a field is set with, where it differs
+RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
+         "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
+         "router_temp", "bias_update_rate")
+CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
+           "tokenizer": TOKENIZERS, "log": LOGGERS}
+
+
+def _type_problem(value, hint) -> str | None:
+    """What `value` should have been, or None when it has the declared type. bool is not
+    an int here (JSON true would pass as 1); an int where a float belongs is fine."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kind = typing.get_origin(allowed[0]) or allowed[0]  # list[list[int]] -> list
+    if value is None:
+        return None if type(None) in allowed else _EXPECTED[kind]
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list)}[kind](value)
+    return None if ok else _EXPECTED[kind]
+
+
+_HINTS = typing.get_type_hints(HiMoEConfig)  # the declared type of every field
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list"}
+
+
+def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
+    """(what is wrong, the fix for a flag) of the first bad value, or None. flag(name): how
+    the message names a field."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        expected = _type_problem(value, _HINTS[f.name])
+        if expected is not None:
+            return (f"{flag(f.name)} must be {expected}, got {json.dumps(value, default=str)}",
+                    f"pass {expected}")
+    for name in POSITIVE:
+        if getattr(cfg, name) <= 0:
+            return f"{flag(name)} must be a positive integer, got {getattr(cfg, name)}", \
+                "pass a value of 1 or more"
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            return f"{flag(name)} must be >= 0, got {getattr(cfg, name)}", "pass 0 or more"
+    for name, limit in UPPER.items():
+        if getattr(cfg, name) > limit:
+            return (f"{flag(name)} {getattr(cfg, name)} is above the limit of {limit:,}",
+                    "pass a realistic size")
+    if cfg.n_embd % cfg.n_head:
+        return (f"{flag('n_embd')} {cfg.n_embd} is not divisible by {flag('n_head')} "
+                f"{cfg.n_head}", "pick sizes where n_embd % n_head == 0")
+    if cfg.top_k_groups > cfg.num_moes:
+        return (f"{flag('top_k_groups')} {cfg.top_k_groups} is larger than {flag('num_moes')} "
+                f"{cfg.num_moes}", f"use at most {cfg.num_moes}")
+    # How many experts top_k_experts may pick from depends on the router.
+    pool = {"topk": cfg.total_experts,
+            "group_limited": cfg.top_k_groups * cfg.num_experts}.get(cfg.router, cfg.num_experts)
+    if cfg.top_k_experts > pool:
+        return (f"{flag('top_k_experts')} {cfg.top_k_experts} is larger than the {pool} "
+                f"experts the {cfg.router} router picks from", f"use at most {pool}")
+    for name in RATES:
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0:
+            return f"{flag(name)} must be a finite non-negative number, got {value}", \
+                "pass a number >= 0"
+    if not 0.0 <= cfg.shared_fraction < 1.0:
+        return (f"{flag('shared_fraction')} must be in [0, 1) (the shared expert's share of the "
+                f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
+    if cfg.shared_fraction and cfg.router == "dense":
+        return (f"{flag('shared_fraction')} needs a MoE router; the dense baseline is one FFN "
+                "already", "drop the flag")
+    if cfg.lr == 0:
+        return f"{flag('lr')} must be greater than 0", "pass e.g. 3e-4"
+    if cfg.dropout >= 1:
+        return f"{flag('dropout')} must be below 1, got {cfg.dropout}", "pass e.g. 0.1"
+    if cfg.router_temp == 0:
+        return f"{flag('router_temp')} must be greater than 0", "pass e.g. 1.0"
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            return (f"{flag(name)} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}",
+                    "pick one of those")
+    if cfg.group_experts is not None:
+        problem = _group_experts_problem(cfg, flag)
+        if problem is not None:
+            return problem, "restore config.json"
+    memory = machine_memory()
+    weight_bytes = 4 * cfg.parameter_estimate()  # float32, as built before any cast
+    if memory is not None and weight_bytes > memory:
+        return (f"these sizes make a model of about {cfg.parameter_estimate():.2e} parameters "
+                f"({weight_bytes / 1e9:,.0f} GB as float32) and this machine has "
+                f"{memory / 1e9:,.0f} GB of memory",
+                f"use a smaller {flag('n_embd')}, {flag('n_layer')}, {flag('num_moes')}, "
+                f"{flag('num_experts')} or {flag('ffn_mult')}")
+    return None
+
+
+def _group_experts_problem(cfg: HiMoEConfig, flag) -> str | None:
+    sizes = cfg.group_experts
+    if cfg.router != "hierarchical":
+        return (f"group_experts (groups of different sizes) needs the hierarchical router, "
+                f"not {cfg.router!r}")
+    if not (len(sizes) == cfg.n_layer and all(
+            isinstance(row, list) and len(row) == cfg.num_moes and
+            all(type(n) is int and 1 <= n <= cfg.num_experts for n in row)
+            for row in sizes)):
+        return (f"group_experts must list, for each of the {cfg.n_layer} layers, the expert "
+                f"count (1-{cfg.num_experts}) of each of the {cfg.num_moes} groups")
+    if max(max(row) for row in sizes) != cfg.num_experts:
+        return f"{flag('num_experts')} must equal the largest group in group_experts"
+    if cfg.top_k_experts > min(min(row) for row in sizes):
+        return (f"{flag('top_k_experts')} {cfg.top_k_experts} is larger than the smallest "
+                "group")
+    return None
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",

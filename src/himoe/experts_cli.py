@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from himoe.cli import seed_flag
 from himoe.config import DEVICES
 from himoe.errors import UserError
 
@@ -200,7 +201,7 @@ def add_parser(sub) -> None:
     ad.add_argument("--init", default="random",
                     help="random (as at initialisation) or copy:J, a copy of expert J of the "
                          "same group, router row included (default: random)")
-    ad.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    ad.add_argument("--seed", type=seed_flag, default=0, help="seed of the random initialisation")
     ad.set_defaults(func=cmd_add)
 
     sw = inner.add_parser("swap", help="replace one expert or router file with the same file "

@@ -2,7 +2,8 @@
 
 Checks, after finishing or discarding an interrupted save: no entry at any depth is a
 symbolic link, a special file (FIFO, device) or a hard link; manifest.json is sane; every file
-it lists is present with its size and sha256; every .pt file loads with weights_only=True;
+it lists is present with its size and sha256; every .pt file loads with weights_only=True
+(weight files: finite numbers only); config.json has values of the declared types and ranges;
 config.json, manifest.json and train_state.pt name the same step; the model builds and
 takes the weights. Each problem is one line.
 """

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from himoe.data.corpus import default_corpus_path, load_corpus, split_train_val
+from himoe.data import corpus as corpus_module
+from himoe.data.corpus import (
+    check_corpus_file,
+    default_corpus_path,
+    load_corpus,
+    split_train_val,
+    too_large,
+)
 from himoe.errors import UserError
 
 VAL_EVERY = 10  # about one document in ten validates
@@ -92,13 +100,14 @@ def resolve_paths(spec: str | Path | None) -> list[Path]:
     text = str(spec)
     path = Path(text)
     if not path.exists() and glob.has_magic(text):
-        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        # Everything but directories: a FIFO or device among them is refused, not skipped.
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if not Path(p).is_dir())
         if not found:
             raise UserError(f"--data_file {text} matches no files; check the pattern (quote it "
                             "so the shell does not expand it)")
         return found
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path))
+        found = sorted(p for p in path.rglob("*") if not p.is_dir() and not _is_hidden(p, path))
         if not found:
             raise UserError(f"--data_file {text} is a directory without text files; put UTF-8 "
                             "text files in it or pass a file")
@@ -109,6 +118,10 @@ def resolve_paths(spec: str | Path | None) -> list[Path]:
 def load_documents(spec: str | Path | None) -> Corpus:
     """Every document of --data_file, read and checked (empty, binary, not UTF-8)."""
     paths = resolve_paths(spec)
+    # Every file checked (regular, size) before any is read.
+    total = sum(check_corpus_file(p) for p in paths)
+    if total > corpus_module.MAX_CORPUS_BYTES:
+        raise too_large(f"{spec} ({len(paths)} files)", total)
     texts = [load_corpus(p)[0] for p in paths]
     source = str(spec) if spec is not None else str(paths[0])
     return Corpus(source, paths, texts)
@@ -131,16 +144,35 @@ def _cache_path(corpus: Corpus, tok, drop_unknown: bool) -> Path:
     return parent / CACHE_DIR / f"tokens-{digest.hexdigest()[:32]}.npz"
 
 
-def _read_cache(path: Path, n_docs: int) -> list[torch.Tensor] | None:
+def _read_cache(path: Path, n_docs: int, vocab_size: int) -> list[torch.Tensor] | None:
+    """The cached token ids, or None: no cache yet, or one that is damaged (truncated, not
+    an npz, ids outside the vocabulary), which is then rebuilt with a one-line note."""
+    if not path.exists():
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             ids, lengths = data["ids"], data["lengths"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if len(lengths) != n_docs or int(lengths.sum()) != len(ids):
+        problem = _cache_problem(ids, lengths, n_docs, vocab_size)
+    except Exception as e:  # zipfile, zlib, numpy and OS errors alike: the cache is disposable
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if problem is not None:
+        print(f"himoe: token cache {path} is damaged ({problem}); it is rebuilt",
+              file=sys.stderr, flush=True)
         return None
     parts = np.split(ids, np.cumsum(lengths)[:-1])
     return [torch.from_numpy(part.astype(np.int64)) for part in parts]
+
+
+def _cache_problem(ids: np.ndarray, lengths: np.ndarray, n_docs: int,
+                   vocab_size: int) -> str | None:
+    if ids.ndim != 1 or lengths.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or \
+            not np.issubdtype(lengths.dtype, np.integer):
+        return "arrays of the wrong kind"
+    if len(lengths) != n_docs or (lengths < 0).any() or int(lengths.sum()) != len(ids):
+        return "document lengths do not match"
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        return "token ids outside the vocabulary"
+    return None
 
 
 def _write_cache(path: Path, docs: list[torch.Tensor]) -> None:
@@ -184,7 +216,7 @@ def encode_documents(corpus: Corpus, tok, drop_unknown: bool = False) -> list[to
     large = total >= CACHE_MIN_BYTES
     path = _cache_path(corpus, tok, drop_unknown) if large else None
     if path is not None:
-        cached = _read_cache(path, len(corpus.texts))
+        cached = _read_cache(path, len(corpus.texts), tok.vocab_size)
         if cached is not None:
             return cached
     docs = []

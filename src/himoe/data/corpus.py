@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -9,23 +11,59 @@ import torch
 
 from himoe.errors import UserError
 
+# The most text --data_file may hold, all files together (README: Corpora): tokenising
+# keeps the text and 8-byte token ids of every character in memory.
+MAX_CORPUS_BYTES = 4 << 30
+_SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
 
 def default_corpus_path() -> Path:
     """Hamlet, shipped inside the package: the corpus when --data_file is not given."""
     return Path(str(resources.files("himoe.data").joinpath("hamlet.txt")))
 
 
-def load_corpus(path: str | Path | None) -> tuple[str, Path]:
-    path = Path(path) if path is not None else default_corpus_path()
-    if not path.exists():
-        raise UserError(f"corpus {path} does not exist; pass an existing text file to --data_file")
-    if path.is_dir():
-        raise UserError(f"corpus {path} is a directory; pass one UTF-8 text file to --data_file")
+def check_corpus_file(path: Path) -> int:
+    """The size in bytes of corpus file `path`, refused unless it is a regular file within
+    MAX_CORPUS_BYTES: reading a FIFO blocks, /dev/zero never ends, a socket cannot be read."""
     try:
-        raw = path.read_bytes()
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"corpus {path} does not exist; pass an existing text file to "
+                        "--data_file") from None
     except OSError as e:
         raise UserError(f"cannot read corpus {path} ({e.strerror}); check its permissions") \
             from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"corpus {path} is a directory; pass one UTF-8 text file to --data_file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "special file")
+        raise UserError(f"corpus {path} is not a regular file (it is a {kind}); --data_file "
+                        "needs a regular UTF-8 text file, a directory or a glob of them")
+    if st.st_size > MAX_CORPUS_BYTES:
+        raise too_large(str(path), st.st_size)
+    return st.st_size
+
+
+def too_large(what: str, size: int) -> UserError:
+    return UserError(f"corpus {what} has {size:,} bytes, larger than the {MAX_CORPUS_BYTES:,}-"
+                     "byte limit (its token ids would need 8 bytes per character in memory); "
+                     "train on a part of it")
+
+
+def load_corpus(path: str | Path | None) -> tuple[str, Path]:
+    path = Path(path) if path is not None else default_corpus_path()
+    check_corpus_file(path)
+    try:
+        # Non-blocking: a FIFO swapped in after the check cannot hang the open, and the read
+        # stops past the limit (a /proc file reports size 0 and /dev/zero never ends).
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            raw = f.read(MAX_CORPUS_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read corpus {path} ({e.strerror}); check its permissions") \
+            from None
+    if len(raw) > MAX_CORPUS_BYTES:
+        raise too_large(str(path), len(raw))
     if not raw.strip():
         raise UserError(f"corpus {path} is empty; pass a text file with some text in it")
     if b"\x00" in raw:

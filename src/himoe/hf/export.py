@@ -16,6 +16,7 @@ tokenizers, not transformers. HFDIR is written whole under a temporary name and 
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -172,17 +173,26 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     # One export to out at a time; the lock file sits beside out, and goes with the lock.
     lock = WriterLock(out.absolute().parent, f".{out.name}.himoe-lock", remove=True,
                       flag="--out", shown=out)
-    with lock, tqdm(total=3, desc="export-hf", unit="step", leave=False) as bar:
+    # disable=None: no bar where stderr is not a terminal, so a log holds only the result.
+    with lock, tqdm(total=3, desc="export-hf", unit="step", leave=False, disable=None) as bar:
         bar.set_postfix_str("load")
         model, cfg, vocab, step = load_model(model_dir)
         bar.update()
         remove_dead_leftovers(out)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        existed = out.exists()
         try:
             blank = tokenizer_for(cfg, vocab, model_dir).blank_token()
             n_params = write_export(tmp, model, cfg, blank, tokenizer, bar)
             replace_dir(tmp, out)
+        except OSError as e:  # e.g. a full disk: the half-written tmp goes, out stays as it was
+            kept = f"{out} is unchanged" if existed else f"nothing was written to {out}"
+            hint = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                "check the permissions and free space"
+            where = f" ({e.filename})" if e.filename else ""
+            raise UserError(f"writing the export failed: {e.strerror or e}{where}; {kept}, "
+                            f"{hint} and run export-hf again") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "step": step, "params": n_params, "router": cfg.router,

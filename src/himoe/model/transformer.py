@@ -164,9 +164,12 @@ class HiMoEModel(nn.Module):
 def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None):
     """One token per row: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature <= 0:
+    # A temperature below the dtype's smallest normal number is 0 once it meets the logits.
+    if temperature < torch.finfo(logits_BV.dtype).tiny:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    logits_BV = logits_BV / temperature
+    # The row's top logit shifted to 0 first: a tiny temperature then gives -inf, never the
+    # inf that softmax turns into NaN.
+    logits_BV = (logits_BV - logits_BV.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
@@ -175,6 +178,7 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: int | 
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
         # Drop a token when the mass before it already reaches top_p (the first always stays).
         drop_BV = sorted_BV.cumsum(-1) - sorted_BV >= top_p
+        drop_BV[:, 0] = False  # rounding can leave the first a mass above a tiny top_p
         sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter_(-1, order_BV, sorted_BV)
     return torch.multinomial(probs_BV, 1, generator=generator)

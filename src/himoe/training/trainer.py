@@ -26,6 +26,7 @@ from himoe.data.corpus import get_batch
 from himoe.data.tokenizer import tokenizer_for, train_tokenizer
 from himoe.distributed.plan import Discard, Parallel
 from himoe.errors import UserError
+from himoe.memory import check_training_fits
 from himoe.model import HiMoEModel
 from himoe.model.grad_sink import zero_grads
 from himoe.specs import spec_files
@@ -56,7 +57,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32 bits; --seed goes up to 2^63 - 1
     torch.manual_seed(seed)
 
 
@@ -226,6 +227,7 @@ class Trainer:
         # update, counted) instead of stopping the run.
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self.device, self.dtype = resolve_device(cfg)
+        check_training_fits(cfg, self.device)  # an absurd batch: one line, not an OOM kill
         if cfg.log == "tensorboard":
             require_tensorboard()  # refused before any work when the package is missing
         keep_freed_memory()
