@@ -115,8 +115,8 @@ def test_loss_free_bias_is_saved_with_the_router(tmp_path):
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
-def test_card_preset_is_the_default_model():
-    values = preset_values("himoe-card", {})
+def test_himoe_preset_is_the_default_model():
+    values = preset_values("himoe", {})
     cfg = dataclasses.replace(HiMoEConfig(), **values)
     assert dataclasses.replace(cfg, preset="") == HiMoEConfig()
     torch.manual_seed(5)
@@ -127,6 +127,26 @@ def test_card_preset_is_the_default_model():
         assert torch.equal(value, b.state_dict()[key]), key
 
 
+def test_card_preset_is_the_cards_literal_routing():
+    cfg = dataclasses.replace(HiMoEConfig(), **preset_values("himoe-card", {})).validate()
+    assert (cfg.router, cfg.top_k_groups, cfg.top_k_experts) == ("hierarchical", 1, 1)
+    assert cfg.shared_hidden == 0 and cfg.ffn_hidden == 4 * cfg.n_embd  # one full expert
+    assert not (cfg.switch_coef or cfg.z_coef or cfg.bias_update_rate or cfg.inter_coef
+                or cfg.intra_coef or cfg.capacity_factor)
+
+
+def test_dense_baseline_ignores_the_shared_expert():
+    cfg = HiMoEConfig(router="dense").validate()  # with the default shared_fraction
+    assert cfg.shared_hidden == 0 and cfg.ffn_hidden == 4 * cfg.n_embd
+    assert HiMoEModel(dataclasses.replace(cfg, vocab_size=20)).blocks[0].shared_ffn is None
+
+
+def test_a_config_from_before_shared_experts_has_none():
+    old = HiMoEConfig().to_dict()
+    del old["shared_fraction"]
+    assert HiMoEConfig.from_dict(old).shared_hidden == 0
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_trains_a_step_with_the_cards_active_parameters(name):
     torch.manual_seed(6)
@@ -135,7 +155,7 @@ def test_every_preset_trains_a_step_with_the_cards_active_parameters(name):
                               vocab_size=20, block_size=16)
     model = HiMoEModel(cfg.validate())
     # The expert width each token runs through is the card's one 4 * n_embd expert.
-    assert cfg.experts_per_token * cfg.ffn_hidden == 4 * 96
+    assert cfg.experts_per_token * cfg.ffn_hidden + cfg.shared_hidden == 4 * 96
     idx = torch.randint(0, 20, (2, 16))
     _, loss = model(idx, idx)
     loss.backward()
@@ -149,4 +169,5 @@ def test_the_two_stage_schedule_is_stated():
     text = routing_schedule(cfg)
     assert "stage 1" in text and "logit-EMA" in text
     assert "R_intra 0.1, ramped in over steps 0-100" in text and "Switch 0.01" in text
-    assert routing_schedule(HiMoEConfig()) == ""  # the card: nothing to state
+    card = dataclasses.replace(HiMoEConfig(), **preset_values("himoe-card", {}))
+    assert routing_schedule(card) == ""  # the card: nothing to state

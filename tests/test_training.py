@@ -8,6 +8,7 @@ import torch
 from himoe import checkpoint
 from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
+from himoe.presets import preset_values
 from himoe.training.optim import build_optimizer, lr_at
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
@@ -73,12 +74,23 @@ def test_weight_decay_only_on_matrices():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_parameter_counts_at_card_defaults_are_near_the_cards():
-    cfg = dataclasses.replace(HiMoEConfig(), vocab_size=65)  # Hamlet's character set
-    total, active = HiMoEModel(cfg).parameter_counts()
+def test_parameter_counts_of_the_card_preset_are_near_the_cards():
+    cfg = dataclasses.replace(HiMoEConfig(), **preset_values("himoe-card", {}), vocab_size=65)
+    total, active = HiMoEModel(cfg).parameter_counts()  # vocab: Hamlet's character set
     assert total == pytest.approx(52e6, rel=0.05)
     assert active == pytest.approx(1.7e6, rel=0.05)
     assert active / total == pytest.approx(0.033, abs=0.003)
+
+
+def test_the_default_has_the_cards_active_parameters_and_half_its_total():
+    card = dataclasses.replace(HiMoEConfig(), **preset_values("himoe-card", {}), vocab_size=65)
+    default = dataclasses.replace(HiMoEConfig(), vocab_size=65)
+    (card_total, card_active), (total, active) = (HiMoEModel(c).parameter_counts()
+                                                  for c in (card, default))
+    # The shared expert and one routed expert of half width each make the card's one expert,
+    # but for a second output bias of n_embd per layer; 48 routed experts of half width.
+    assert active - card_active == default.n_embd * default.n_layer
+    assert total == pytest.approx(card_total / 2, rel=0.05)  # the 1.1M backbone: not halved
 
 
 def test_mfu_counts_six_flops_per_active_parameter():

@@ -1,6 +1,10 @@
 """HiMoEConfig: the card's hyperparameters plus the few this package adds.
 
-One dataclass holds both model shape and training settings, as the card's table does.
+One dataclass holds both model shape and training settings, as the card's table does. The
+defaults are the card's, but for its routing: the card's literal routing (no balancing, one
+full-width routed expert) collapses onto one expert, so the default adds a shared expert
+with half the active width and the two-level Switch loss (docs/routing_study.md);
+`--preset himoe-card` restores the card's routing exactly.
 `MODEL_FIELDS` names the ones that fix the shape of the weights: those come from a saved
 model's config.json on resume and may not be changed by flags.
 """
@@ -42,8 +46,8 @@ class HiMoEConfig:
     ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
     router: str = "hierarchical"  # "dense" = one plain FFN per block, the baseline
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes <= cf * T * k / E
-    # --- routing losses and the grouped router (all off for the card) ---
-    switch_coef: float = 0.0  # Switch load balancing (per level for the hierarchical router)
+    # --- routing losses and the grouped router (all but Switch off by default) ---
+    switch_coef: float = 0.01  # Switch load balancing (per level for the hierarchical router)
     z_coef: float = 0.0  # router z-loss
     inter_coef: float = 0.0  # Hi-MoE R_inter, lambda2 (paper: 0.05)
     intra_coef: float = 0.0  # Hi-MoE R_intra, lambda1 (paper: 0.1)
@@ -57,7 +61,7 @@ class HiMoEConfig:
     bias_update_rate: float = 0.0  # loss-free balancing step u (DeepSeek-V3: 1e-3); 0 = off
     # The share of the active FFN width (ffn_mult * n_embd) given to a shared expert, a dense
     # FFN that every token runs beside its routed one; the routed experts get the rest.
-    shared_fraction: float = 0.0
+    shared_fraction: float = 0.5
     expert_hidden: int = 0  # routed expert width; 0: what the shared expert leaves
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
@@ -91,6 +95,8 @@ class HiMoEConfig:
     @property
     def shared_hidden(self) -> int:
         """Width of the shared expert (0: none)."""
+        if self.router == "dense":  # the dense-equivalent is one FFN of the whole width
+            return 0
         return round(self.shared_fraction * self.ffn_mult * self.n_embd)
 
     @property
@@ -163,7 +169,8 @@ class HiMoEConfig:
         if unknown:
             raise UserError(f"config.json has unknown keys {unknown}; it was written by a "
                             "newer himoe, upgrade the package")
-        return cls(**data)
+        # Written before shared experts existed: such a model has none.
+        return cls(**{"shared_fraction": 0.0, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -257,9 +264,6 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
     if not 0.0 <= cfg.shared_fraction < 1.0:
         return (f"{flag('shared_fraction')} must be in [0, 1) (the shared expert's share of the "
                 f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
-    if cfg.shared_fraction and cfg.router == "dense":
-        return (f"{flag('shared_fraction')} needs a MoE router; the dense baseline is one FFN "
-                "already", "drop the flag")
     if cfg.lr == 0:
         return f"{flag('lr')} must be greater than 0", "pass e.g. 3e-4"
     if cfg.dropout >= 1:

@@ -1,8 +1,9 @@
-"""`--preset`: the routing and losses of each source design, at our model size.
+"""`--preset`: himoe's default and the routing and losses of each source design, at our
+model size.
 
-Every MoE preset keeps the card's active parameters per token: its experts are narrowed so
-that (experts per token) x (expert width) = 4 * n_embd, the card's one expert. Explicit
-flags still override anything a preset sets.
+Every MoE preset keeps the card's active parameters per token: its routed experts are
+narrowed so that (experts per token) x (expert width) + (shared expert width) =
+4 * n_embd, the card's one expert. Explicit flags still override anything a preset sets.
 """
 
 from __future__ import annotations
@@ -10,22 +11,29 @@ from __future__ import annotations
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 
+# The source designs have no shared expert; each states its own balancing loss.
+_SOURCE = dict(shared_fraction=0.0, switch_coef=0.0)
+
 PRESETS: dict[str, dict] = {
+    # himoe's default: two-level top-1 routing beside a shared expert of half the active
+    # width, two-level Switch loss 0.01 (docs/routing_study.md); what no --preset gives.
+    "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=1, shared_fraction=0.5,
+                  switch_coef=0.01),
     # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss.
-    "himoe-card": dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
+    "himoe-card": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
     # The card's routing with loss-free bias balancing (the gradient is left alone).
-    "himoe-balanced": dict(router="hierarchical", top_k_groups=1, top_k_experts=1,
-                           bias_update_rate=1e-3),
+    "himoe-balanced": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1,
+                                     bias_update_rate=1e-3),
     # The Hi-MoE paper's reference code: grouped top-1 in every group, its loss terms,
     # R_intra ramped in after the balance terms (the paper's two stages).
-    "hi-moe": dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
-                   inter_coef=0.05, intra_coef=0.1, intra_warmup=100),
+    "hi-moe": _SOURCE | dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
+                             inter_coef=0.05, intra_coef=0.1, intra_warmup=100),
     # MiniMoE: 4 experts, top-2, renormalised, Switch loss.
-    "minimoe": dict(router="topk", num_moes=1, num_experts=4, top_k_experts=2,
-                    renormalize=True, switch_coef=0.01),
+    "minimoe": _SOURCE | dict(router="topk", num_moes=1, num_experts=4, top_k_experts=2,
+                              renormalize=True, switch_coef=0.01),
     # OLMoE: 64 experts, top-8, raw probabilities, Switch 0.01 + z 0.001, dropless.
-    "olmoe": dict(router="topk", num_moes=1, num_experts=64, top_k_experts=8,
-                  renormalize=False, switch_coef=0.01, z_coef=0.001),
+    "olmoe": _SOURCE | dict(router="topk", num_moes=1, num_experts=64, top_k_experts=8,
+                            renormalize=False, switch_coef=0.01, z_coef=0.001),
     # The dense-equivalent baseline.
     "dense": dict(router="dense"),
 }

@@ -188,7 +188,8 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
 
 # The flag that balances each kind of router, named in the collapse warning.
 BALANCE_HINTS = {
-    "hierarchical": "balance it with --switch_coef 0.01 (see README, 'Routing')",
+    "hierarchical": "the default routing balances it: --switch_coef 0.01 --shared_fraction 0.5 "
+                    "(README, 'The default routing')",
     "flat": "balance it with --switch_coef 0.01 or --bias_update_rate 1e-3",
 }
 
