@@ -2,6 +2,7 @@
 presets."""
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
 from himoe.model.routing import GroupLimitedRouter, TopKRouter, build_router
 from himoe.presets import PRESETS, preset_values
+from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
 ROUTER_CONFIGS = {
@@ -98,6 +100,45 @@ def test_loss_free_bias_balances_a_skewed_router(router):
     if router == "topk":
         p = F.softmax(x @ r.weight_ED.t(), -1)
         torch.testing.assert_close(out.weights_TK, p.gather(1, out.ids_TK))
+
+
+def test_two_level_switch_loss_balances_a_skewed_router():
+    """Only the Switch loss trains the router (no language-model loss): the load evens out
+    at both levels."""
+    torch.manual_seed(3)
+    cfg = tiny_config(num_moes=2, num_experts=4, switch_coef=1.0)
+    r = build_router(cfg).train()
+    x = torch.randn(512, cfg.n_embd)
+    x[:, 0] += 1.0
+    with torch.no_grad():  # the same skew as above: low-numbered groups and experts win
+        for p in r.parameters():
+            n = p.shape[-2]
+            p[..., 0] = torch.linspace(1.0, -1.0, n).view(*([1] * (p.dim() - 2)), n)
+
+    def figures():
+        return load_figures(torch.bincount(r(x).ids_TK.flatten(), minlength=8), 2)
+
+    before = figures()
+    opt = torch.optim.Adam(r.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        r(x).aux["switch"].backward()
+        opt.step()
+    after = figures()
+    assert before["expert_cv"] > 1.5 and after["expert_cv"] < 0.4
+    assert after["group_cv"] < before["group_cv"] and after["dead_experts"] == 0
+
+
+def test_a_tiny_default_run_keeps_every_expert_alive(tmp_path):
+    text = "".join(chr(97 + (i * 7 + i // 13) % 26) + " ,.\n"[i % 4] for i in range(6000))
+    (tmp_path / "corpus.txt").write_text(text)
+    cfg = tiny_config(max_iters=150, eval_interval=150, eval_iters=8, batch_size=8,
+                      data_file=str(tmp_path / "corpus.txt"), model_dir=str(tmp_path / "m"),
+                      sample_tokens=4)
+    assert cfg.switch_coef > 0 and cfg.shared_hidden > 0  # the defaults under test
+    ev = Trainer(cfg, out=io.StringIO()).train().evals[-1]
+    for layer in ev["layers"]:
+        assert layer["dead_experts"] == 0 and layer["expert_cv"] < 0.5, layer["expert_cv"]
 
 
 def test_loss_free_bias_is_saved_with_the_router(tmp_path):
