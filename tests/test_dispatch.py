@@ -79,7 +79,8 @@ def test_one_group_of_one_expert_is_a_dense_ffn():
 
 def test_whole_model_with_one_expert_equals_dense_model():
     torch.manual_seed(3)
-    moe_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1)).eval()
+    # No shared expert: the one routed expert is then the whole FFN, as in the dense model.
+    moe_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, shared_fraction=0.0)).eval()
     dense_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, router="dense")).eval()
     state = {k: v for k, v in moe_model.state_dict().items() if ".ffn." not in k}
     for i, block in enumerate(moe_model.blocks):
