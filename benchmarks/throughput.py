@@ -35,7 +35,7 @@ from himoe.data.corpus import CharTokenizer, get_batch, load_corpus
 from himoe.errors import UserError
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import build_optimizer
+from himoe.training.optim import build_optimizer, lr_at
 from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -142,10 +142,17 @@ class TrainSide:
         self.optimizer = build_optimizer(model, model.cfg)
         self.params = list(model.parameters())
         write_expert_grads_in_place(model)  # as `himoe train` does in one process
+        self.steps_done = 0
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
-        """Trainer.train's own step function (the batch is sampled beforehand, untimed).
+        """Trainer.train's own step function (the batch is sampled beforehand, untimed), at
+        the learning rate of the schedule: with the peak rate from step 1 the card's routing
+        collapsed within a few steps (1-7 experts with tokens per layer, against 8-30 in
+        `himoe train`'s warm-up), which made the card look faster than a user's run.
         .item() waits for the device, so a GPU step is timed whole."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.steps_done, self.cfg)
+        self.steps_done += 1
         with autocast(self.device, self.dtype):
             return train_step(self.model, self.optimizer, self.params, x_BT.to(self.device),
                               y_BT.to(self.device)).item()
