@@ -34,6 +34,7 @@ from himoe.config import HiMoEConfig
 from himoe.data.corpus import CharTokenizer, get_batch, load_corpus
 from himoe.errors import UserError
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
+from himoe.presets import PRESETS
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import build_optimizer, lr_at
 from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
@@ -113,10 +114,10 @@ def hamlet() -> tuple[torch.Tensor, CharTokenizer]:
 
 
 def card_config(vocab_size: int, settings: Settings, **overrides) -> HiMoEConfig:
-    """The card's defaults (dropout 0.1 included) at the given router; raises if this
-    himoe does not know one of the overrides yet."""
-    return HiMoEConfig(vocab_size=vocab_size, **{"device": "cpu", **settings.sizes,
-                                                  **overrides}).validate()
+    """The card's model (dropout 0.1 included) with the card's own routing, not himoe's
+    default, at the given router; raises if this himoe does not know an override yet."""
+    return HiMoEConfig(vocab_size=vocab_size, **{**PRESETS["himoe-card"], "device": "cpu",
+                                                  **settings.sizes, **overrides}).validate()
 
 
 def build(cfg: HiMoEConfig, seed: int = 1337) -> HiMoEModel:
