@@ -36,7 +36,7 @@ from himoe.errors import UserError
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.presets import PRESETS
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.optim import build_optimizer, set_scheduled_lr
 from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -151,8 +151,7 @@ class TrainSide:
         collapsed within a few steps (1-7 experts with tokens per layer, against 8-30 in
         `himoe train`'s warm-up), which made the card look faster than a user's run.
         .item() waits for the device, so a GPU step is timed whole."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.steps_done, self.cfg)
+        set_scheduled_lr(self.optimizer, self.steps_done, self.cfg)
         self.steps_done += 1
         with autocast(self.device, self.dtype):
             return train_step(self.model, self.optimizer, self.params, x_BT.to(self.device),

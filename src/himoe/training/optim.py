@@ -26,6 +26,14 @@ def build_optimizer(model: torch.nn.Module, cfg: HiMoEConfig) -> torch.optim.Ada
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: HiMoEConfig) -> float:
+    """Every parameter group at the schedule's rate for `step`; returns that rate."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def lr_at(step: int, cfg: HiMoEConfig) -> float:
     """Linear warm-up over warmup_iters, then cosine decay to min_lr_ratio * lr at max_iters."""
     if step < cfg.warmup_iters:

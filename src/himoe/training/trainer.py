@@ -33,7 +33,7 @@ from himoe.specs import spec_files
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
-from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.optim import build_optimizer, set_scheduled_lr
 from himoe.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
 
@@ -396,9 +396,7 @@ class Trainer:
                               disable=not self.parallel.is_main)
         step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
         while self.step < cfg.max_iters:
-            lr = lr_at(self.step, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_scheduled_lr(self.optimizer, self.step, cfg)
             if cfg.intra_warmup:
                 model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
