@@ -19,7 +19,6 @@ import dataclasses
 import io
 import json
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,6 @@ def run(name: str, overrides: dict, out: Path) -> dict:
         trainer = Trainer(cfg, out=io.StringIO())
         result = trainer.train()
         total, active = trainer.model.parameter_counts()
-        shutil.rmtree(Path(tmp) / "m", ignore_errors=True)
     line = {"name": name, "overrides": overrides | ({"preset": preset} if preset else {}),
             "seconds": round(time.perf_counter() - t0, 1), "total": total, "active": active,
             "evals": [{"step": e["step"], "val": round(e["val_loss"], 4),

@@ -25,7 +25,7 @@ class Block(nn.Module):
         # A shared expert (DeepSeekMoE) sees every token, so it learns from the whole batch
         # while each routed expert sees its share; it is part of the backbone on disk.
         self.shared_ffn = (DenseFFN(cfg.n_embd, cfg.shared_hidden, cfg.n_layer)
-                           if cfg.shared_hidden and cfg.router != "dense" else None)
+                           if cfg.shared_hidden else None)  # 0 for the dense baseline
         self.ffn_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x_BTD, cache: KVCache | None = None, layer: int = 0):
