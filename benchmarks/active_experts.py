@@ -14,8 +14,8 @@ import torch
 
 import himoe.training.trainer as T
 from himoe.cli import load_benchmarks
+from himoe.cli.presets import preset_values
 from himoe.config import HiMoEConfig
-from himoe.presets import preset_values
 from himoe.training.trainer import Trainer
 
 torch.set_num_threads(1)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from himoe.cli.presets import preset_values
 from himoe.config import HiMoEConfig
-from himoe.presets import preset_values
 from himoe.training.trainer import Trainer
 
 

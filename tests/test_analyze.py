@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from himoe.analysis.domains import STAGE, nmi, play_domains, windows
-from himoe.data.corpus import default_corpus_path
+from himoe.checkpoint.verify import verify
+from himoe.data.documents import default_corpus_path
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.test_bad_input import assert_one_line_error, himoe
 from tests.test_experts import small_config
 

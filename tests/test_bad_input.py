@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
 from himoe.cli import main
-from himoe.data import corpus as corpus_module
+from himoe.data import documents
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -205,7 +205,7 @@ def special_file(kind):
 
 
 def corpus_over_the_limit(w, mp):
-    mp.setattr(corpus_module, "MAX_CORPUS_BYTES", 500)
+    mp.setattr(documents, "MAX_CORPUS_BYTES", 500)
     return train_flags()(w, mp)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from himoe import checkpoint
 from himoe.analysis.routing_log import routing_trace
-from himoe.chat import ChatSession
-from himoe.data.corpus import CharTokenizer
+from himoe.checkpoint import card as checkpoint
+from himoe.cli.chat import ChatSession
+from himoe.data.tokenizers import CharTokenizer
 from himoe.training.trainer import Trainer
 from tests.test_experts import small_config
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from himoe import Expert, checkpoint
+from himoe import Expert
+from himoe.checkpoint import card as checkpoint
 from himoe.model import HiMoEModel
 from tests.conftest import tiny_config
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from himoe.data import corpora
-from himoe.data.corpora import encode_documents, load_documents, resolve_paths, split_documents
-from himoe.data.corpus import CharTokenizer, split_train_val
-from himoe.data.tokenizer import train_tokenizer
+from himoe.data import documents
+from himoe.data.batches import split_documents, split_train_val
+from himoe.data.documents import encode_documents, load_documents, resolve_paths
+from himoe.data.tokenizers import CharTokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 from tests.test_bad_input import himoe
@@ -42,7 +42,7 @@ def test_directory_and_glob_name_the_same_sorted_files(tmp_path):
 @pytest.mark.parametrize("n, expected", [(2, [1]), (3, [2]), (10, [9]), (15, [6, 14]),
                                          (40, [9, 19, 29, 39])])
 def test_validation_documents_are_evenly_spaced(n, expected):
-    corpus = corpora.Corpus("x", [Path(str(i)) for i in range(n)], ["a"] * n)
+    corpus = documents.Corpus("x", [Path(str(i)) for i in range(n)], ["a"] * n)
     assert corpus.val_indices() == expected
 
 
@@ -68,22 +68,22 @@ def test_single_file_keeps_the_contiguous_split(tmp_path):
 
 
 def test_token_cache_is_written_once_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(documents, "CACHE_MIN_BYTES", 0)
     corpus = load_documents(make_docs(tmp_path, 3))
     tok = train_tokenizer("bpe", corpus, 300)
     first = encode_documents(corpus, tok)
-    cached = list((tmp_path / "docs" / corpora.CACHE_DIR).glob("tokens-*.npz"))
+    cached = list((tmp_path / "docs" / documents.CACHE_DIR).glob("tokens-*.npz"))
     assert len(cached) == 1
     monkeypatch.setattr(type(tok), "encode", lambda self, text: pytest.fail("not cached"))
     again = encode_documents(corpus, tok)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not list((tmp_path / "docs" / corpora.CACHE_DIR).glob(".*tmp*"))
+    assert not list((tmp_path / "docs" / documents.CACHE_DIR).glob(".*tmp*"))
 
 
 def test_unwritable_cache_location_falls_back_silently(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(documents, "CACHE_MIN_BYTES", 0)
     (tmp_path / "c.txt").write_text(PLAY * 10)
-    (tmp_path / corpora.CACHE_DIR).write_text("a file where the cache directory would go")
+    (tmp_path / documents.CACHE_DIR).write_text("a file where the cache directory would go")
     corpus = load_documents(tmp_path / "c.txt")
     tok = train_tokenizer("char", corpus, 0)
     ids = encode_documents(corpus, tok)
@@ -117,7 +117,7 @@ def test_resume_notes_a_changed_document(tmp_path):
 
 
 def test_read_only_corpus_directory_gets_no_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(documents, "CACHE_MIN_BYTES", 0)
     docs = make_docs(tmp_path, 3)
     docs.chmod(0o555)  # marked read-only (respected even when the tests run as root)
     try:
@@ -125,7 +125,7 @@ def test_read_only_corpus_directory_gets_no_cache(tmp_path, monkeypatch):
         ids = encode_documents(corpus, train_tokenizer("char", corpus, 0))
     finally:
         docs.chmod(0o755)
-    assert len(ids) == 3 and not (docs / corpora.CACHE_DIR).exists()
+    assert len(ids) == 3 and not (docs / documents.CACHE_DIR).exists()
 
 
 def _npz(**arrays) -> bytes:
@@ -152,11 +152,11 @@ CORRUPT = {
 
 @pytest.mark.parametrize("damage", list(CORRUPT))
 def test_a_corrupt_token_cache_is_rebuilt_with_a_warning(damage, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(documents, "CACHE_MIN_BYTES", 0)
     corpus = load_documents(make_docs(tmp_path, 3))
     tok = train_tokenizer("char", corpus, 0)
     first = encode_documents(corpus, tok)
-    (cache,) = (tmp_path / "docs" / corpora.CACHE_DIR).glob("tokens-*.npz")
+    (cache,) = (tmp_path / "docs" / documents.CACHE_DIR).glob("tokens-*.npz")
     good = cache.read_bytes()
     cache.write_bytes(CORRUPT[damage](good))
     capsys.readouterr()
@@ -170,14 +170,14 @@ def test_a_corrupt_token_cache_is_rebuilt_with_a_warning(damage, tmp_path, monke
 
 
 def test_training_goes_on_over_a_truncated_cache(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(corpora, "CACHE_MIN_BYTES", 0)
+    monkeypatch.setattr(documents, "CACHE_MIN_BYTES", 0)
     docs = make_docs(tmp_path, 4)
     argv = ["train", "--data_file", docs, "--n_embd", "16", "--n_head", "2", "--block_size",
             "16", "--num_moes", "2", "--num_experts", "2", "--batch_size", "2", "--max_iters",
             "1", "--eval_interval", "1", "--eval_iters", "1", "--sample_tokens", "4",
             "--device", "cpu"]
     assert himoe([*argv, "--model_dir", tmp_path / "a"], capsys)[0] == 0
-    (cache,) = (docs / corpora.CACHE_DIR).glob("tokens-*.npz")
+    (cache,) = (docs / documents.CACHE_DIR).glob("tokens-*.npz")
     cache.write_bytes(cache.read_bytes()[:100])
     code, _, err = himoe([*argv, "--model_dir", tmp_path / "b"], capsys)
     assert code == 0, err

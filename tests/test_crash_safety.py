@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from himoe import atomic_dir, checkpoint
-from himoe import manifest as mf
+from himoe.checkpoint import atomic_dir
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
 from himoe.cli import main
 from himoe.model import HiMoEModel
 from himoe.training.trainer import Trainer

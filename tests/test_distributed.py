@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from himoe.checkpoint import load_model
+from himoe.checkpoint.card import load_model
+from himoe.checkpoint.verify import verify
 from himoe.distributed.plan import Parallel
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.conftest import tiny_config
 
 # switch_coef 0: the Switch loss (on by default) is computed on each rank's and each

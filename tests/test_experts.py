@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from himoe import checkpoint
-from himoe import manifest as mf
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.quantize import dequantize_state, quantize_rows
+from himoe.checkpoint.verify import verify
 from himoe.model import HiMoEModel
-from himoe.quantize import dequantize_state, quantize_rows
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.conftest import tiny_config
 from tests.test_bad_input import assert_one_line_error, himoe
 

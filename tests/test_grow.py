@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint.verify import verify
 from himoe.config import HiMoEConfig
-from himoe.grow import grown_config, grown_train_state
+from himoe.edit.grow import grown_config, grown_train_state
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.test_bad_input import assert_one_line_error, himoe
 from tests.test_experts import small_config
 from tests.test_train_only import weight_digests

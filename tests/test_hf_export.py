@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from himoe import checkpoint
-from himoe.data.corpus import CharTokenizer
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint.quantize import quantize_expert
+from himoe.data.tokenizers import CharTokenizer
 from himoe.hf.export import export_hf
 from himoe.model import HiMoEModel
-from himoe.quantize import quantize_expert
 from tests.conftest import tiny_config
 from tests.test_bad_input import assert_one_line_error, himoe
 

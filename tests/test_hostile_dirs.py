@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from himoe import atomic_dir, checkpoint, safe_path
-from himoe import manifest as mf
+from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
 from tests import test_bad_input
 from tests.test_bad_input import SMALL, assert_one_line_error, himoe, tree
 
@@ -283,7 +284,8 @@ def test_export_refuses_a_linked_model_and_a_linked_out(work, tmp_path, capsys):
 
 # --- 2. one writer at a time ---
 
-HOLD = ("import sys, time; from pathlib import Path; from himoe.atomic_dir import WriterLock; "
+HOLD = ("import sys, time; from pathlib import Path; "
+        "from himoe.checkpoint.atomic_dir import WriterLock; "
         "WriterLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(120)")
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
 from himoe.distributed import plan as plan_module  # train_step clips through Parallel
 from himoe.model import HiMoEModel
 from tests.test_bad_input import SMALL, TEXT, himoe

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from himoe import checkpoint
 from himoe.analysis.balance import load_figures
+from himoe.checkpoint import card as checkpoint
+from himoe.cli.presets import PRESETS, preset_values
 from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
 from himoe.model.routing import GroupLimitedRouter, TopKRouter, build_router
-from himoe.presets import PRESETS, preset_values
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
 from himoe.model import GroupedRouter, HierarchicalRouter, HiMoEModel, losses
 from himoe.model.routing import two_level_switch_loss
 from tests.conftest import tiny_config

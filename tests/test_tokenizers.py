@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from himoe import manifest as mf
-from himoe.data.corpora import Corpus, chunks
-from himoe.data.corpus import CharTokenizer
-from himoe.data.tokenizer import TOKENIZER_FILE, BPETokenizer, load_tokenizer, train_tokenizer
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.card import load_tokenizer
+from himoe.checkpoint.verify import verify
+from himoe.data.documents import Corpus, chunks
+from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.test_bad_input import assert_one_line_error, himoe
 from tests.test_experts import small_config
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from himoe import checkpoint
-from himoe import manifest as mf
-from himoe.specs import spec_files
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.verify import verify
+from himoe.edit.specs import spec_files
 from himoe.training.freeze import owner_files
 from himoe.training.trainer import Trainer
-from himoe.verify import verify
 from tests.test_bad_input import assert_one_line_error, himoe
 from tests.test_experts import small_config
 

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
+from himoe.cli.presets import preset_values
 from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
-from himoe.presets import preset_values
 from himoe.training.optim import build_optimizer, lr_at
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config

@@ -6,7 +6,7 @@ import functools
 import itertools
 from pathlib import Path
 
-from himoe import safe_path
+from himoe.checkpoint import safe_path
 from himoe.errors import UserError
 
 

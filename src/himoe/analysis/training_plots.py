@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from himoe import safe_path
 from himoe.analysis.heatmaps import pyplot
+from himoe.checkpoint import safe_path
 
 LOSS_PNG = "loss_curves.png"
 LOAD_PNG = "expert_load.png"

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from himoe.config import HiMoEConfig
-from himoe.data.corpora import encode_documents, load_documents, split_documents
+from himoe.data.batches import split_documents
+from himoe.data.documents import encode_documents, load_documents
 
 
 def validation_split(cfg: HiMoEConfig, tokenizer,

@@ -1,4 +1,4 @@
-"""Joining a torchrun job: the train flags of the parallel modes and the process group.
+"""Joining a torchrun job: the parallel mode and the process group.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address of every process;
 without them himoe trains in one process as before.
@@ -6,7 +6,6 @@ without them himoe trains in one process as before.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 
@@ -15,18 +14,6 @@ import torch.distributed as dist
 
 from himoe.distributed.plan import Parallel
 from himoe.errors import UserError
-
-
-def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grad_accum", "--grad-accum", type=int, default=1, metavar="A",
-                        help="split each step's batch into A micro-batches (gradients "
-                             "accumulated; same result, less memory)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard parameters, gradients and optimizer state "
-                             "over the processes (FSDP2)")
-    parser.add_argument("--expert_parallel", "--expert-parallel", type=int, default=1,
-                        metavar="N", help="under torchrun with N processes: spread each MoE "
-                                          "layer's experts over them")
 
 
 def choose_mode(args, world: int) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from himoe import safe_path
-from himoe.atomic_dir import WriterLock, is_dead_temp
+from himoe.checkpoint import safe_path
+from himoe.checkpoint.atomic_dir import WriterLock, is_dead_temp
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.hf.tokenizer import TOKENIZER_FILE, model_tokenizer_json
@@ -156,8 +156,8 @@ def remove_dead_leftovers(out: Path) -> None:
 
 def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     """Write the export of model_dir to out; returns a summary for the command line."""
-    from himoe.checkpoint import load_model, read_config
-    from himoe.data.tokenizer import tokenizer_for
+    from himoe.checkpoint.card import load_model, read_config
+    from himoe.data.tokenizers import tokenizer_for
 
     start = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -198,23 +198,3 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
     return {"out": str(out), "step": step, "params": n_params, "router": cfg.router,
             "bytes": (out / WEIGHTS_FILE).stat().st_size,
             "seconds": time.perf_counter() - start}
-
-
-def cmd_export_hf(args) -> int:
-    s = export_hf(Path(args.model_dir), Path(args.out), args.force)
-    print(f"exported {args.model_dir} (step {s['step']}, {s['router']} router, "
-          f"{s['params']:,} parameters) to {s['out']}: {WEIGHTS_FILE} {s['bytes']:,} bytes, "
-          f"{s['seconds']:.1f}s; load with AutoModelForCausalLM.from_pretrained("
-          f"{s['out']!r}, trust_remote_code=True)")
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("export-hf", help="write a Hugging Face transformers model directory "
-                                         "(safetensors, remote code, tokenizer)")
-    p.add_argument("--model_dir", "--model-dir", default="model")
-    p.add_argument("--out", required=True, help="the directory to write (HFDIR)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out even if it is a non-empty directory that is not an "
-                        "earlier export")
-    p.set_defaults(func=cmd_export_hf)

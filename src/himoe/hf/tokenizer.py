@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from himoe import safe_path
+from himoe.checkpoint import safe_path
 from himoe.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"

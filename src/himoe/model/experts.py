@@ -1,7 +1,7 @@
 """Expert FFNs: one stacked bank per layer, run as a grouped matmul over sorted tokens.
 
 In memory the E experts of a layer are stacked tensors (w1_EDF, w2_EFD), so one grouped
-matmul runs them all; on disk each expert is its own file (see himoe.checkpoint).
+matmul runs them all; on disk each expert is its own file (see himoe.checkpoint.card).
 """
 
 from __future__ import annotations

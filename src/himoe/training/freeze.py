@@ -16,10 +16,10 @@ import re
 
 import torch
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
 from himoe.config import HiMoEConfig
+from himoe.edit.specs import weight_files
 from himoe.model import HiMoEModel
-from himoe.specs import weight_files
 
 MOE_KEY = re.compile(r"blocks\.(\d+)\.ffn\.(router|experts)\.(\w+)")
 

@@ -15,24 +15,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from himoe import atomic_dir, checkpoint, safe_path
 from himoe.analysis.balance import collapse_warning, load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
 from himoe.analysis.routing_log import routing_log
 from himoe.analysis.training_plots import training_plots
+from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import card as checkpoint
 from himoe.config import HiMoEConfig
-from himoe.data.corpora import encode_documents, load_documents, split_documents
-from himoe.data.corpus import get_batch
-from himoe.data.tokenizer import tokenizer_for, train_tokenizer
+from himoe.data.batches import get_batch, split_documents
+from himoe.data.documents import encode_documents, load_documents
+from himoe.data.tokenizers import tokenizer_for, train_tokenizer
 from himoe.distributed.plan import Discard, Parallel
+from himoe.edit.specs import spec_files
 from himoe.errors import UserError
-from himoe.memory import check_training_fits
 from himoe.model import HiMoEModel
 from himoe.model.grad_sink import zero_grads
-from himoe.specs import spec_files
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
+from himoe.training.memory import check_training_fits
 from himoe.training.optim import build_optimizer, set_scheduled_lr
 from himoe.training.tensorboard_log import TensorBoardLog, require_tensorboard
 
@@ -217,7 +218,7 @@ class Trainer:
         self.out = out if out is not None else sys.stdout  # the stdout of now, not of import
         if not parallel.is_main:
             self.out = Discard()
-        # train_only: a SPEC (himoe.specs); only those weight files train, the rest stay exact.
+        # train_only: a SPEC (himoe.edit.specs); only those weight files train, the rest stay exact.
         if train_only is not None and not resume:
             raise UserError("--train_only fine-tunes parts of a saved model; add --resume "
                             "(and a larger --max_iters)")

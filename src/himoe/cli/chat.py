@@ -18,8 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from himoe.cli import seed_flag
-from himoe.config import DEVICES
+from himoe.cli.options import add_device, add_model_dir, seed_flag
 from himoe.errors import UserError
 
 COMMANDS = "/reset clears the conversation, /quit (or Ctrl-D) exits"
@@ -75,7 +74,7 @@ class ChatSession:
 
         text, missing = self.tok.drop_unknown(line + "\n")
         if missing:
-            from himoe.data.corpus import show_chars
+            from himoe.data.tokenizers import show_chars
             self._note(f"dropped characters outside the vocabulary: {show_chars(missing)}")
         if not text.strip():
             return []
@@ -151,9 +150,9 @@ class ChatSession:
 def cmd_chat(args) -> int:
     import torch
 
-    from himoe.checkpoint import load_model
-    from himoe.cli import check_generate_args
-    from himoe.data.tokenizer import tokenizer_for
+    from himoe.checkpoint.card import load_model
+    from himoe.cli.generate import check_generate_args
+    from himoe.data.tokenizers import tokenizer_for
 
     args.num_samples = 1
     check_generate_args(args)
@@ -169,7 +168,7 @@ def cmd_chat(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="interactive prompt with streamed output (/reset, /quit)")
-    p.add_argument("--model_dir", "--model-dir", default="model")
+    add_model_dir(p)
     p.add_argument("--show_routing", "--show-routing", action="store_true",
                    help="print each token's group.expert per layer after it")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200,
@@ -178,5 +177,5 @@ def add_parser(sub) -> None:
     p.add_argument("--top_k", "--top-k", type=int, default=None)
     p.add_argument("--top_p", "--top-p", type=float, default=None)
     p.add_argument("--seed", type=seed_flag, default=1337)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    add_device(p)
     p.set_defaults(func=cmd_chat)

@@ -10,16 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-from himoe.cli import seed_flag
-from himoe.config import DEVICES
+from himoe.cli.options import add_device, add_model_dir, seed_flag
 from himoe.errors import UserError
 
 
 def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
     """(model, cfg, vocab, step, val_ids, corpus path, device, dtype): a saved model and the
     validation split it was trained on, as trainer.evaluate wants them."""
-    from himoe.checkpoint import load_model
-    from himoe.data.tokenizer import tokenizer_for
+    from himoe.checkpoint.card import load_model
+    from himoe.data.tokenizers import tokenizer_for
     from himoe.data.validation import validation_split
     from himoe.training.trainer import resolve_device
 
@@ -41,9 +40,9 @@ def _dtype_name(sd: dict) -> str:
 
 def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     """One table row per expert and router file; layers: evaluate()'s per-layer figures."""
-    from himoe.checkpoint import load_weight_file
-    from himoe.quantize import dequantize_state
-    from himoe.specs import describe_file, weight_files
+    from himoe.checkpoint.card import load_weight_file
+    from himoe.checkpoint.quantize import dequantize_state
+    from himoe.edit.specs import describe_file, weight_files
 
     # Router buffers (balancing biases, logit EMA) are state, not parameters.
     buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {"balance_bias"}
@@ -69,7 +68,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
 
 
 def cmd_list(args) -> int:
-    from himoe.table import format_table
+    from himoe.cli.table import format_table
     from himoe.training.trainer import evaluate
 
     model_dir = Path(args.model_dir)
@@ -89,7 +88,7 @@ def cmd_list(args) -> int:
 
 
 def _verified(model_dir: Path) -> str:
-    from himoe.verify import verify
+    from himoe.checkpoint.verify import verify
 
     problems, summary = verify(model_dir)
     if problems:  # the checks before saving should make this impossible
@@ -98,8 +97,8 @@ def _verified(model_dir: Path) -> str:
 
 
 def cmd_swap(args) -> int:
-    from himoe.checkpoint import writing
-    from himoe.surgery import resolve_file, swap
+    from himoe.checkpoint.card import writing
+    from himoe.edit.surgery import resolve_file, swap
 
     model_dir = Path(args.model_dir)
     with writing(model_dir):
@@ -110,17 +109,17 @@ def cmd_swap(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from himoe.checkpoint import writing
+    from himoe.checkpoint.card import writing
 
     with writing(Path(args.model_dir)):
         return _quantize(args)
 
 
 def _quantize(args) -> int:
-    from himoe.checkpoint import load_model, load_weight_file
-    from himoe.quantize import is_quantized, quantize_expert
-    from himoe.specs import describe_file, spec_files, weight_files
-    from himoe.surgery import current_manifest, rewrite, torch_writer
+    from himoe.checkpoint.card import load_model, load_weight_file
+    from himoe.checkpoint.quantize import is_quantized, quantize_expert
+    from himoe.edit.specs import describe_file, spec_files, weight_files
+    from himoe.edit.surgery import current_manifest, rewrite, torch_writer
     from himoe.training.trainer import evaluate
 
     model_dir = Path(args.model_dir)
@@ -165,8 +164,8 @@ def _quantize(args) -> int:
 
 
 def cmd_add(args) -> int:
-    from himoe.checkpoint import writing
-    from himoe.grow import add_expert
+    from himoe.checkpoint.card import writing
+    from himoe.edit.grow import add_expert
 
     model_dir = Path(args.model_dir)
     with writing(model_dir):
@@ -181,8 +180,8 @@ def add_parser(sub) -> None:
                                    metavar="{list,add,swap,quantize}", parser_class=type(experts))
 
     def common(p, data=True):
-        p.add_argument("--model_dir", "--model-dir", default="model")
-        p.add_argument("--device", choices=DEVICES, default="auto")
+        add_model_dir(p)
+        add_device(p)
         if data:
             p.add_argument("--data_file", "--data-file", default=None,
                            help="corpus for the validation figures (default: the one in "
@@ -195,7 +194,7 @@ def add_parser(sub) -> None:
 
     ad = inner.add_parser("add", help="add an expert to one group: its next model_00K.pt, a "
                                       "wider group router, config.json")
-    ad.add_argument("--model_dir", "--model-dir", default="model")
+    add_model_dir(ad)
     ad.add_argument("--layer", type=int, required=True, help="MoE layer, 1-based")
     ad.add_argument("--group", type=int, required=True, help="group (MoE block), 1-based")
     ad.add_argument("--init", default="random",
@@ -206,7 +205,7 @@ def add_parser(sub) -> None:
 
     sw = inner.add_parser("swap", help="replace one expert or router file with the same file "
                                        "of another model")
-    sw.add_argument("--model_dir", "--model-dir", default="model")
+    add_model_dir(sw)
     sw.add_argument("--from_dir", "--from-dir", required=True,
                     help="the model directory to take the file from")
     sw.add_argument("--file", default=None,

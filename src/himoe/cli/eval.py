@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from himoe.config import DEVICES
+from himoe.cli.options import add_device, add_model_dir
 from himoe.errors import UserError
 
 
@@ -33,7 +33,7 @@ def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> d
     from tqdm import tqdm
 
     from himoe.analysis.balance import load_figures
-    from himoe.data.corpora import encode_documents
+    from himoe.data.documents import encode_documents
     from himoe.training.trainer import autocast
 
     cfg = model.cfg
@@ -82,7 +82,7 @@ def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> d
 
 
 def format_report(report: dict) -> str:
-    from himoe.table import format_table
+    from himoe.cli.table import format_table
 
     rows = [["loss (nats/token)", f"{report['loss']:.4f}"],
             ["perplexity", f"{report['perplexity']:.2f}"],
@@ -98,9 +98,9 @@ def format_report(report: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from himoe.checkpoint import atomic_write_text, load_model
-    from himoe.data.corpora import load_documents
-    from himoe.data.tokenizer import tokenizer_for
+    from himoe.checkpoint.card import atomic_write_text, load_model
+    from himoe.data.documents import load_documents
+    from himoe.data.tokenizers import tokenizer_for
     from himoe.training.trainer import resolve_device
 
     if args.batch_size < 1:
@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
         atomic_write_text(json.dumps(report, indent=1), Path(args.json))
         print(f"wrote {args.json}")
     if args.lm_eval_task:
-        from himoe.lm_eval_task import write_task
+        from himoe.eval.lm_eval_task import write_task
 
         written = write_task(corpus, Path(args.lm_eval_task))
         print(f"wrote the lm-evaluation-harness task {', '.join(str(p) for p in written)}")
@@ -142,7 +142,7 @@ def cmd_eval(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a saved model on "
                                     "a text file, directory or glob")
-    p.add_argument("--model_dir", "--model-dir", default="model")
+    add_model_dir(p)
     p.add_argument("--data_file", "--data-file", required=True,
                    help="text to evaluate: a UTF-8 file, a directory or a glob")
     p.add_argument("--batch_size", "--batch-size", type=int, default=16,
@@ -152,5 +152,5 @@ def add_parser(sub) -> None:
                    help="also write a local lm-evaluation-harness perplexity task over the "
                         "same documents into DIR (README: Tokenizers, corpora, evaluation and "
                         "logging)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    add_device(p)
     p.set_defaults(func=cmd_eval)

@@ -1,4 +1,4 @@
-"""The tokenizers a model can have, and `load_tokenizer(model_dir)` for every command.
+"""The tokenizers a model can have (a saved model's: himoe.checkpoint.card.load_tokenizer).
 
 - "char" (the card's): one token per character; the vocabulary lives in config.json.
 - "bpe": byte-level BPE trained with the `tokenizers` library on the training documents and
@@ -14,14 +14,69 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from himoe import safe_path
+from himoe.checkpoint import safe_path
 from himoe.config import TOKENIZERS
-from himoe.data.corpus import CharTokenizer
 from himoe.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"  # the BPE vocabulary's one special token (for exports)
 BYTE_ALPHABET = 256
+
+
+class CharTokenizer:
+    """One token per character; the vocabulary is saved in config.json."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def vocab(self) -> list[str]:
+        return self.chars
+
+    def files(self) -> dict[str, str]:
+        return {}  # the vocabulary is config.json's "vocab"
+
+    def unknown(self, text: str) -> list[str]:
+        return sorted({c for c in text if c not in self.index})
+
+    def drop_unknown(self, text: str) -> tuple[str, list[str]]:
+        """(text without the characters outside the vocabulary, those characters)."""
+        missing = self.unknown(text)
+        gone = set(missing)
+        return "".join(c for c in text if c not in gone), missing
+
+    def encode(self, text: str) -> list[int]:
+        missing = self.unknown(text)
+        if missing:
+            raise UserError(f"text has characters outside the model's vocabulary: "
+                            f"{show_chars(missing)}; remove them or train on a corpus that has "
+                            "them")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def blank_token(self) -> int:
+        """The card's 'blank context': a newline where the vocabulary has one."""
+        return self.index.get("\n", 0)
+
+
+def show_chars(chars: list[str], limit: int = 20) -> str:
+    """Characters as a readable list: repr makes tabs, odd spaces and controls visible."""
+    shown = ", ".join(repr(c) for c in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
 
 
 class BPETokenizer:
@@ -122,10 +177,3 @@ def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
                         "the same save")
     return tok
 
-
-def load_tokenizer(model_dir: str | Path):
-    """The tokenizer of the model saved in model_dir (config.json, and tokenizer.json for BPE)."""
-    from himoe.checkpoint import read_config
-
-    cfg, vocab, _ = read_config(Path(model_dir))
-    return tokenizer_for(cfg, vocab, Path(model_dir))

@@ -17,7 +17,7 @@ numbers are 1-based, as in the card. Every .pt file is a plain state_dict that l
 torch.load(..., weights_only=True); an expert file loads into himoe.Expert on its own.
 This is the only module that knows both the stacked and the per-file layout.
 
-A save is atomic (himoe.atomic_dir): all of these files belong to the same step, and
+A save is atomic (himoe.checkpoint.atomic_dir): all of these files belong to the same step, and
 manifest.json, written last, is the commit record. Loading first finishes or discards a save
 that a crash interrupted, so a reader always sees one complete save.
 """
@@ -36,13 +36,13 @@ from pathlib import Path
 
 import torch
 
-from himoe import atomic_dir, safe_path
-from himoe import manifest as mf
+from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.quantize import dequantize_state
 from himoe.config import HiMoEConfig
-from himoe.data.tokenizer import TOKENIZER_FILE
+from himoe.data.tokenizers import TOKENIZER_FILE, tokenizer_for
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.quantize import dequantize_state
 
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -118,7 +118,7 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
 
 def load_weight_file(model_dir: Path, rel: str, plain: bool = True) -> dict:
     """torch.load(weights_only=True) of model_dir/rel: tensors and plain containers, never
-    code, from a plain file reached without a link (himoe.safe_path). plain: the file must be
+    code, from a plain file reached without a link (safe_path). plain: the file must be
     a state_dict ({name: tensor}); train_state.pt passes False (nested)."""
     path = Path(model_dir) / rel
     try:
@@ -472,6 +472,12 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu"):
                             f"({type(e).__name__}: {first}); restore them, and run `himoe "
                             f"verify --model_dir {model_dir}` to see which") from None
     return model.to(device), cfg, vocab, step
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of the model saved in model_dir (config.json, and tokenizer.json for BPE)."""
+    cfg, vocab, _ = read_config(Path(model_dir))
+    return tokenizer_for(cfg, vocab, Path(model_dir))
 
 
 def read_metrics(model_dir: Path, step: int) -> list[str]:

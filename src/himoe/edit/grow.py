@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from himoe import checkpoint, safe_path
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import safe_path
 from himoe.config import HiMoEConfig
+from himoe.edit.surgery import BALANCE_BIAS, current_manifest, rewrite, torch_writer
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.surgery import BALANCE_BIAS, current_manifest, rewrite, torch_writer
 from himoe.training.optim import build_optimizer
 
 SLOT_PARAM = re.compile(r"blocks\.(\d+)\.ffn\.(experts\.\w+|router\.group_weight_NMD)")

@@ -1,8 +1,8 @@
 """Changing single files of a saved model, atomically: swap one expert or router file for
 another model's, or rewrite a few files (e.g. quantised experts).
 
-Every change is a new complete save through himoe.atomic_dir at the same step: the changed
-files are written, every other file of the manifest is copied byte for byte, and the new
+Every change is a new complete save through himoe.checkpoint.atomic_dir at the same step:
+the changed files are written, every other file of the manifest is copied byte for byte, and the new
 manifest commits the set. A crash leaves the old save or the new one, and `himoe verify`
 passes afterwards.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
-from himoe import atomic_dir, checkpoint, safe_path
-from himoe import manifest as mf
+from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.quantize import dequantize_state
+from himoe.edit.specs import describe_file, spec_files, weight_files
 from himoe.errors import UserError
-from himoe.quantize import dequantize_state
-from himoe.specs import describe_file, spec_files, weight_files
 
 BALANCE_BIAS = "balance_bias"  # optional in a router file (loss-free balancing state)
 

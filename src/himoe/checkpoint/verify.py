@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from himoe import atomic_dir, checkpoint, safe_path
-from himoe import manifest as mf
-from himoe.data.tokenizer import tokenizer_for
+from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import manifest as mf
+from himoe.data.tokenizers import tokenizer_for
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 

@@ -25,8 +25,8 @@ run (WriterLock), and a second writer stops at once with the holder's pid. Reade
 take it, so generate and verify work while a model trains. The file stays (an empty file;
 a command that fails changes nothing), and the lock of a killed process dies with it.
 
-Every path inside D and inside the staging directory goes through himoe.safe_path: a staged
-save is completed only when each of its files is a plain file inside D that matches the
+Every path inside D and inside the staging directory goes through safe_path: a staged save
+is completed only when each of its files is a plain file inside D that matches the
 staged manifest, so a planted one can neither move a file in from elsewhere nor delete any.
 """
 
@@ -41,8 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from himoe import manifest as mf
-from himoe import safe_path
+from himoe.checkpoint import manifest as mf
+from himoe.checkpoint import safe_path
 from himoe.errors import UserError
 
 STAGING_DIR = ".himoe-save"

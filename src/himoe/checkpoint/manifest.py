@@ -13,7 +13,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from himoe import safe_path
+from himoe.checkpoint import safe_path
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -1,4 +1,4 @@
-"""Corpora of one or many documents: what --data_file names, the split, and tokenising.
+"""Documents: what --data_file names, read and checked, and their token ids.
 
 --data_file is a text file, a directory (every non-hidden file under it, sorted by path) or a
 glob (`plays/*.txt`). A one-file corpus keeps the card's contiguous split (first 90% of the
@@ -21,20 +21,13 @@ import re
 import stat
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from himoe.data import corpus as corpus_module
-from himoe.data.corpus import (
-    check_corpus_file,
-    default_corpus_path,
-    load_corpus,
-    split_train_val,
-    too_large,
-)
 from himoe.errors import UserError
 
 VAL_EVERY = 10  # about one document in ten validates
@@ -44,6 +37,70 @@ CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at once, so the bar moves
 # A newline followed by a non-space character ends a byte-level BPE pre-token, so cutting
 # there tokenises exactly like the whole text.
 _CUT = re.compile(r"\n(?=\S)")
+# The most text --data_file may hold, all files together (README: Corpora): tokenising
+# keeps the text and 8-byte token ids of every character in memory.
+MAX_CORPUS_BYTES = 4 << 30
+_SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+            (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def default_corpus_path() -> Path:
+    """Hamlet, shipped inside the package: the corpus when --data_file is not given."""
+    return Path(str(resources.files("himoe.data").joinpath("hamlet.txt")))
+
+
+def check_corpus_file(path: Path) -> int:
+    """The size in bytes of corpus file `path`, refused unless it is a regular file within
+    MAX_CORPUS_BYTES: reading a FIFO blocks, /dev/zero never ends, a socket cannot be read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"corpus {path} does not exist; pass an existing text file to "
+                        "--data_file") from None
+    except OSError as e:
+        raise UserError(f"cannot read corpus {path} ({e.strerror}); check its permissions") \
+            from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"corpus {path} is a directory; pass one UTF-8 text file to --data_file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "special file")
+        raise UserError(f"corpus {path} is not a regular file (it is a {kind}); --data_file "
+                        "needs a regular UTF-8 text file, a directory or a glob of them")
+    if st.st_size > MAX_CORPUS_BYTES:
+        raise too_large(str(path), st.st_size)
+    return st.st_size
+
+
+def too_large(what: str, size: int) -> UserError:
+    return UserError(f"corpus {what} has {size:,} bytes, larger than the {MAX_CORPUS_BYTES:,}-"
+                     "byte limit (its token ids would need 8 bytes per character in memory); "
+                     "train on a part of it")
+
+
+def load_corpus(path: str | Path | None) -> tuple[str, Path]:
+    path = Path(path) if path is not None else default_corpus_path()
+    check_corpus_file(path)
+    try:
+        # Non-blocking: a FIFO swapped in after the check cannot hang the open, and the read
+        # stops past the limit (a /proc file reports size 0 and /dev/zero never ends).
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            raw = f.read(MAX_CORPUS_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"cannot read corpus {path} ({e.strerror}); check its permissions") \
+            from None
+    if len(raw) > MAX_CORPUS_BYTES:
+        raise too_large(str(path), len(raw))
+    if not raw.strip():
+        raise UserError(f"corpus {path} is empty; pass a text file with some text in it")
+    if b"\x00" in raw:
+        raise UserError(f"corpus {path} looks binary (it holds NUL bytes); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus {path} is not valid UTF-8 (byte {e.start}); convert it, for "
+                        f"example with `iconv -t UTF-8 {path}`") from None
+    return text, path
+
 
 
 @dataclass
@@ -120,7 +177,7 @@ def load_documents(spec: str | Path | None) -> Corpus:
     paths = resolve_paths(spec)
     # Every file checked (regular, size) before any is read.
     total = sum(check_corpus_file(p) for p in paths)
-    if total > corpus_module.MAX_CORPUS_BYTES:
+    if total > MAX_CORPUS_BYTES:
         raise too_large(f"{spec} ({len(paths)} files)", total)
     texts = [load_corpus(p)[0] for p in paths]
     source = str(spec) if spec is not None else str(paths[0])
@@ -235,18 +292,3 @@ def encode_documents(corpus: Corpus, tok, drop_unknown: bool = False) -> list[to
     return docs
 
 
-def split_documents(corpus: Corpus, docs: list[torch.Tensor], block_size: int):
-    """(train ids, validation ids): the card's contiguous split for one document, whole
-    documents to validation for several."""
-    if len(docs) == 1:
-        return split_train_val(docs[0], block_size)
-    val_idx = set(corpus.val_indices())
-    train = torch.cat([d for i, d in enumerate(docs) if i not in val_idx])
-    val = torch.cat([d for i, d in enumerate(docs) if i in val_idx])
-    need = block_size + 1
-    if len(train) < need or len(val) < need:
-        raise UserError(f"--data_file {corpus.source}: the training documents have "
-                        f"{len(train)} tokens and the validation ones {len(val)}, but each side "
-                        f"needs at least {need} for --block_size {block_size}; add text or use "
-                        "a smaller --block_size")
-    return train, val

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from himoe import safe_path
-from himoe.config import DEVICES
+from himoe.checkpoint import safe_path
+from himoe.cli.options import add_device, add_model_dir
 from himoe.errors import UserError
 
 
@@ -44,7 +44,7 @@ def read_domain(name: str, path: Path) -> str:
 def domain_texts(args, cfg) -> list[tuple[str, str, str]]:
     """[(name, source, text)]: the --domain files, or the model's corpus split by speaker."""
     from himoe.analysis.domains import play_domains
-    from himoe.data.corpora import load_documents
+    from himoe.data.documents import load_documents
 
     if args.domain:
         return [(name, str(path), read_domain(name, path))
@@ -100,7 +100,7 @@ def _nmi_text(value) -> str:
 
 
 def format_report(report: dict, num_experts: int) -> str:
-    from himoe.table import format_table
+    from himoe.cli.table import format_table
 
     names = [d["name"] for d in report["domains"]]
     lines = ["domains: " + "; ".join(
@@ -131,8 +131,8 @@ def cmd_analyze(args) -> int:
     import torch
 
     from himoe.analysis.heatmaps import domain_expert_heatmaps
-    from himoe.checkpoint import atomic_write_text, load_model
-    from himoe.data.tokenizer import tokenizer_for
+    from himoe.checkpoint.card import atomic_write_text, load_model
+    from himoe.data.tokenizers import tokenizer_for
 
     if args.max_tokens < 1:
         raise UserError(f"--max_tokens must be >= 1, got {args.max_tokens}")
@@ -171,7 +171,7 @@ def cmd_analyze(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="where the tokens of each domain go: shares per group "
                                        "and expert, specialisation (NMI), heatmaps")
-    p.add_argument("--model_dir", "--model-dir", default="model")
+    add_model_dir(p)
     p.add_argument("--domain", action="append", default=[], metavar="NAME=FILE",
                    help="a domain and its text file (repeat); default: the model's corpus "
                         "split into the speeches of its main characters and the stage "
@@ -181,5 +181,5 @@ def add_parser(sub) -> None:
                    help="tokens read per domain, in windows spread over the whole text")
     p.add_argument("--no_plots", "--no-plots", action="store_true",
                    help="skip the PNG heatmaps (no matplotlib needed)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    add_device(p)
     p.set_defaults(func=cmd_analyze)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from himoe import checkpoint
+from himoe.checkpoint import card as checkpoint
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 

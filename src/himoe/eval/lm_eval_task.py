@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from himoe.checkpoint import atomic_write_text
+from himoe.checkpoint.card import atomic_write_text
 
 TASK_NAME = "himoe_text"
 

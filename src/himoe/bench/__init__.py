@@ -1,0 +1,1 @@
+"""`himoe bench`: speed and memory against the baselines."""

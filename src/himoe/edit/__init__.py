@@ -1,0 +1,1 @@
+"""Changing a saved model in place: naming its parts, swapping them and adding experts."""

@@ -1,0 +1,1 @@
+"""Training: the loop, optimiser, freezing, memory checks and logging."""
