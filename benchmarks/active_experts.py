@@ -13,13 +13,12 @@ import tempfile
 import torch
 
 import himoe.training.trainer as T
-from himoe.cli import load_benchmarks
+from himoe.bench import throughput as bench
 from himoe.cli.presets import preset_values
 from himoe.config import HiMoEConfig
 from himoe.training.trainer import Trainer
 
 torch.set_num_threads(1)
-bench = load_benchmarks()
 
 
 

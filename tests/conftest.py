@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from himoe.config import HiMoEConfig
@@ -15,7 +14,3 @@ def tiny_config(**overrides) -> HiMoEConfig:
     base.update(overrides)
     return HiMoEConfig(**base).validate()
 
-
-@pytest.fixture
-def tiny():
-    return tiny_config

@@ -1,5 +1,5 @@
 """`himoe bench --smoke`: the benchmark harness still runs end to end. No timing is asserted:
-a benchmark is not a test (BENCHMARKS.md)."""
+a benchmark is not a test (README, "Speed")."""
 
 import subprocess
 import sys
@@ -37,9 +37,8 @@ def test_bench_rejects_an_unknown_section(tmp_path):
 
 
 def test_process_rows_time_the_long_minus_the_short_run(monkeypatch):
-    from himoe.cli import load_benchmarks
+    from himoe.bench import throughput as bench
 
-    bench = load_benchmarks()
     calls = []
 
     def fake_seconds(flags, steps, settings):

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from himoe.checkpoint.card import load_model, load_tokenizer
-from himoe.cli.eval import evaluate_text, windows
 from himoe.data.documents import Corpus, load_documents
 from himoe.eval.lm_eval_task import TASK_NAME
+from himoe.eval.perplexity import evaluate_text, windows
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 from tests.test_bad_input import assert_one_line_error, himoe

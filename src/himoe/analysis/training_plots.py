@@ -1,6 +1,7 @@
 """The PNGs written at the end of training: loss curves and the last evaluation's expert load.
 
-Both need matplotlib (himoe[plot]); without it training skips them with a one-line note.
+Both need matplotlib (a dependency); where it cannot be imported, training skips them with a
+one-line note.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def training_plots(metrics_lines: list[str], last_eval: dict, num_experts: int,
     plt = pyplot()
     if plt is None:
         return [], "matplotlib is not installed, so no PNG plots were written (pip install " \
-                   "'himoe[plot]')"
+                   "matplotlib)"
     written = [loss_curves(plt, metrics_lines, Path(model_dir) / LOSS_PNG)]
     if last_eval["layers"]:
         written.append(expert_load(plt, last_eval["layers"], num_experts,

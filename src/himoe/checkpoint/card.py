@@ -17,7 +17,7 @@ numbers are 1-based, as in the card. Every .pt file is a plain state_dict that l
 torch.load(..., weights_only=True); an expert file loads into himoe.Expert on its own.
 This is the only module that knows both the stacked and the per-file layout.
 
-A save is atomic (himoe.checkpoint.atomic_dir): all of these files belong to the same step, and
+A save is atomic (atomic_dir): all of these files belong to the same step, and
 manifest.json, written last, is the commit record. Loading first finishes or discards a save
 that a crash interrupted, so a reader always sees one complete save.
 """
@@ -223,10 +223,6 @@ def _pick(sd: dict, key: str, name: str) -> torch.Tensor:
     return sd[key]
 
 
-def _get(model_dir: Path, name: str, key: str) -> torch.Tensor:
-    return _pick(load_weight_file(model_dir, name), key, name)
-
-
 def _stack(parts: list[torch.Tensor | None], model_dir: Path, layer: int) -> torch.Tensor:
     """Stack the experts' tensors; None (an empty slot) becomes zeros of the same shape."""
     shapes = {tuple(p.shape) for p in parts if p is not None}
@@ -247,10 +243,6 @@ def _pad_rows(t: torch.Tensor, n: int, rows: int, name: str) -> torch.Tensor:
 
 
 # --- atomic writes: a crash leaves the old file or the new one, never half of one ---
-
-def atomic_save(obj, path: Path) -> None:
-    safe_path.write_atomic(path, lambda f: torch.save(obj, f))
-
 
 def atomic_write_text(text: str, path: Path) -> None:
     safe_path.write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -3,7 +3,7 @@
 A quantised expert file stores, for each of fc1.weight [F, D] and fc2.weight [D, F],
 "NAME_int8" (int8, same shape) and "NAME_scale" (fp32, one per output row) instead of
 "NAME"; the biases stay fp32. w = int8 * scale, with scale = max|row| / 127, so every row
-keeps its own range. Loading (himoe.checkpoint.from_files) dequantises, so a quantised
+keeps its own range. Loading (himoe.checkpoint.card.from_files) dequantises, so a quantised
 model works with every command; to load one file into himoe.Expert by hand, pass it
 through dequantize_state first.
 """

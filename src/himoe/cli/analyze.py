@@ -180,6 +180,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max_tokens", "--max-tokens", type=int, default=5000,
                    help="tokens read per domain, in windows spread over the whole text")
     p.add_argument("--no_plots", "--no-plots", action="store_true",
-                   help="skip the PNG heatmaps (no matplotlib needed)")
+                   help="skip the PNG heatmaps")
     add_device(p)
     p.set_defaults(func=cmd_analyze)

@@ -149,7 +149,7 @@ class BPETokenizer:
 
 
 def train_tokenizer(kind: str, corpus, bpe_vocab_size: int):
-    """A new tokenizer of `kind` for a corpus (himoe.data.corpora.Corpus). The character
+    """A new tokenizer of `kind` for a corpus (himoe.data.documents.Corpus). The character
     vocabulary covers every document, as the card's does (validation text must encode);
     BPE is fitted to the training side only."""
     if kind == "char":

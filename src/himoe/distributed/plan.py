@@ -35,8 +35,6 @@ from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.training.optim import clip_grad_norm, grad_norm, scale_gradients
 
-MODES = ("single", "ddp", "fsdp", "expert_parallel")
-
 
 class Discard(io.StringIO):
     """The stdout of ranks other than 0: they train in step but say nothing."""
@@ -229,7 +227,3 @@ class Parallel:
         ids = {id(p) for p in self._experts}
         order = [p for group in optimizer.param_groups for p in group["params"]]
         return [i for i, p in enumerate(order) if id(p) in ids]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()

@@ -5,7 +5,7 @@ level-2 router gains a row), and a new config.json (group_experts records the si
 memory every group keeps num_experts slots (the largest group), so the stacked tensors and
 the optimiser's moments in train_state.pt change layout: they are moved slot by slot so that
 `--resume` goes on exactly where training stopped, with zero moments for the new expert.
-Every other file is copied byte for byte, in one atomic save (himoe.surgery.rewrite).
+Every other file is copied byte for byte, in one atomic save (himoe.edit.surgery.rewrite).
 """
 
 from __future__ import annotations

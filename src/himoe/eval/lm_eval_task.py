@@ -40,7 +40,7 @@ def task_yaml(data_path: Path) -> str:
 
 
 def write_task(corpus, out_dir: Path) -> list[Path]:
-    """The task files for `corpus` (himoe.data.corpora.Corpus) in out_dir."""
+    """The task files for `corpus` (himoe.data.documents.Corpus) in out_dir."""
     out_dir = Path(out_dir)
     data = out_dir / f"{TASK_NAME}.jsonl"
     config = out_dir / f"{TASK_NAME}.yaml"
