@@ -14,8 +14,8 @@ from himoe.data.batches import split_documents, split_train_val
 from himoe.data.documents import encode_documents, load_documents, resolve_paths
 from himoe.data.tokenizers import CharTokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
+from tests.cli.test_bad_input import himoe
 from tests.conftest import tiny_config
-from tests.test_bad_input import himoe
 
 PLAY = "First Citizen. Before we proceed any further, hear me speak.\nAll. Speak, speak.\n"
 

@@ -13,8 +13,8 @@ from himoe.checkpoint.quantize import quantize_expert
 from himoe.data.tokenizers import CharTokenizer
 from himoe.hf.export import export_hf
 from himoe.model import HiMoEModel
+from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
-from tests.test_bad_input import assert_one_line_error, himoe
 
 TEXT = "To be, or not to be: that is the question.\nHam. 'Tis é; quick! Why?"
 VOCAB = sorted(set(TEXT))

@@ -10,8 +10,8 @@ from himoe.analysis.domains import STAGE, nmi, play_domains, windows
 from himoe.checkpoint.verify import verify
 from himoe.data.documents import default_corpus_path
 from himoe.training.trainer import Trainer
-from tests.test_bad_input import assert_one_line_error, himoe
-from tests.test_experts import small_config
+from tests.cli.test_bad_input import assert_one_line_error, himoe
+from tests.edit.test_experts import small_config
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=2, batch_size=2,
             max_iters=2, eval_interval=1, eval_iters=1)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_checkpoint import expected_files
+from tests.checkpoint.test_checkpoint import expected_files
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--n_embd", "32", "--n_head", "2", "--block_size", "32", "--num_moes", "3",
         "--num_experts", "2", "--batch_size", "4", "--max_iters", "20", "--eval_interval", "10",
         "--eval_iters", "2", "--device", "cpu"]

@@ -21,10 +21,10 @@ from himoe.checkpoint import manifest as mf
 from himoe.cli import main
 from himoe.model import HiMoEModel
 from himoe.training.trainer import Trainer
+from tests.cli.test_bad_input import SMALL, TEXT, himoe, tree
 from tests.conftest import tiny_config
-from tests.test_bad_input import SMALL, TEXT, himoe, tree
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGING = atomic_dir.STAGING_DIR
 
 
@@ -52,7 +52,7 @@ def test_manifest_lists_every_file_of_the_save(tmp_path):
 
 
 def test_a_save_of_another_shape_leaves_no_stale_weight_files(tmp_path):
-    from tests.test_checkpoint import expected_files
+    from tests.checkpoint.test_checkpoint import expected_files
 
     d = tmp_path / "m"
     one = HiMoEModel(tiny_config(n_embd=16, n_layer=1, num_moes=3, num_experts=2))

@@ -16,13 +16,13 @@ import pytest
 from himoe.checkpoint import atomic_dir, safe_path
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint import manifest as mf
-from tests import test_bad_input
-from tests.test_bad_input import SMALL, assert_one_line_error, himoe, tree
+from tests.cli import test_bad_input
+from tests.cli.test_bad_input import SMALL, assert_one_line_error, himoe, tree
 
 # The trained tiny model and a working copy of it, as in the bad-input matrix.
 trained, work = test_bad_input.trained, test_bad_input.work
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STAGING = atomic_dir.STAGING_DIR
 GROUP = "layer_01_moe_expert_001"
 

@@ -14,8 +14,8 @@ from himoe.checkpoint.verify import verify
 from himoe.edit.specs import spec_files
 from himoe.training.freeze import owner_files
 from himoe.training.trainer import Trainer
-from tests.test_bad_input import assert_one_line_error, himoe
-from tests.test_experts import small_config
+from tests.cli.test_bad_input import assert_one_line_error, himoe
+from tests.edit.test_experts import small_config
 
 SPEC = "layer1.group2.expert1,layer2.router,layer1.group1.router"
 TRAINED = {"layer_01_moe_expert_002/model_001.pt", "layer_02_main_router.pt",

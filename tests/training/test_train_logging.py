@@ -8,8 +8,8 @@ import pytest
 from himoe.analysis import training_plots
 from himoe.errors import UserError
 from himoe.training.trainer import Trainer
-from tests.test_bad_input import himoe
-from tests.test_experts import small_config
+from tests.cli.test_bad_input import himoe
+from tests.edit.test_experts import small_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,9 +14,9 @@ from himoe.checkpoint.verify import verify
 from himoe.config import HiMoEConfig
 from himoe.edit.grow import grown_config, grown_train_state
 from himoe.training.trainer import Trainer
-from tests.test_bad_input import assert_one_line_error, himoe
-from tests.test_experts import small_config
-from tests.test_train_only import weight_digests
+from tests.cli.test_bad_input import assert_one_line_error, himoe
+from tests.edit.test_experts import small_config
+from tests.training.test_train_only import weight_digests
 
 NEW_EXPERT = "layer_01_moe_expert_002/model_003.pt"
 ROUTER = "layer_01_moe_expert_002/router.pt"

@@ -15,9 +15,9 @@ from himoe.checkpoint import card as checkpoint
 from himoe.cli.chat import ChatSession
 from himoe.data.tokenizers import CharTokenizer
 from himoe.training.trainer import Trainer
-from tests.test_experts import small_config
+from tests.edit.test_experts import small_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TAG = re.compile(r"(.)\[(\d\.\d\|\d\.\d)\]\n?", re.S)
 
 

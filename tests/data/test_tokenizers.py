@@ -14,8 +14,8 @@ from himoe.checkpoint.verify import verify
 from himoe.data.documents import Corpus, chunks
 from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
-from tests.test_bad_input import assert_one_line_error, himoe
-from tests.test_experts import small_config
+from tests.cli.test_bad_input import assert_one_line_error, himoe
+from tests.edit.test_experts import small_config
 
 TEXT = ("Ham. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind "
         "to suffer\nThe slings and arrows of outrageous fortune,\n\n") * 30

@@ -13,8 +13,8 @@ from himoe.checkpoint.quantize import dequantize_state, quantize_rows
 from himoe.checkpoint.verify import verify
 from himoe.model import HiMoEModel
 from himoe.training.trainer import Trainer
+from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
-from tests.test_bad_input import assert_one_line_error, himoe
 
 EXPERT = "layer_02_moe_expert_001/model_002.pt"
 

@@ -24,7 +24,7 @@ from himoe.data import documents
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "the quick brown fox jumps over the lazy dog; then it sleeps.\n" * 12  # 732 chars
 SMALL = ["--n_embd", "16", "--n_head", "2", "--n_layer", "2", "--block_size", "16",
          "--num_moes", "2", "--num_experts", "2", "--batch_size", "2", "--eval_iters", "1",

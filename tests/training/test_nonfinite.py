@@ -10,7 +10,7 @@ import torch
 from himoe.checkpoint import card as checkpoint
 from himoe.distributed import plan as plan_module  # train_step clips through Parallel
 from himoe.model import HiMoEModel
-from tests.test_bad_input import SMALL, TEXT, himoe
+from tests.cli.test_bad_input import SMALL, TEXT, himoe
 
 BAD_STEP = 3
 

@@ -14,8 +14,8 @@ from himoe.data.documents import Corpus, load_documents
 from himoe.eval.lm_eval_task import TASK_NAME
 from himoe.eval.perplexity import evaluate_text, windows
 from himoe.training.trainer import Trainer
+from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
-from tests.test_bad_input import assert_one_line_error, himoe
 
 TRAIN = "the quick brown fox jumps over the lazy dog; café au lait.\n" * 40
 HELD_OUT = "a lazy fox; a quick dog. the café is over the brown jumps.\n" * 3

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEADER = "| benchmark | measured (median) | baseline (median) | ratio median [min, max] |"
 ROWS = ("| card training in one process:", "| grouped 6 x top-1", "| generation of",
         "| peak memory (RSS)", "| MoE layer forward+backward", "| card training on a GPU")
