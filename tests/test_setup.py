@@ -36,6 +36,7 @@ def pip_installs(mode_block: str) -> list[list[str]]:
             if '"${pip[@]}" install' in line]
 
 
+@pytest.mark.slow
 def test_setup_installs_himoe_with_the_constraints_file():
     script = SETUP.read_text()
     pinned_branch = script.split('if [ "$mode" = latest ]; then')[1].split("else", 1)[1]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "| benchmark | measured (median) | baseline (median) | ratio median [min, max] |"
 ROWS = ("| card training in one process:", "| grouped 6 x top-1", "| generation of",
@@ -14,6 +16,7 @@ ROWS = ("| card training in one process:", "| grouped 6 x top-1", "| generation 
 IN_PROCESS = "card,grouped,generate,memory,layer,gpu"
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_a_report_with_every_section(tmp_path):
     out = tmp_path / "b.md"
     r = subprocess.run([sys.executable, "-m", "himoe", "bench", "--smoke", "--only", IN_PROCESS,
@@ -29,6 +32,7 @@ def test_bench_smoke_writes_a_report_with_every_section(tmp_path):
     assert not list(tmp_path.glob(".b.md.*"))  # the temporary file was renamed into place
 
 
+@pytest.mark.slow
 def test_bench_rejects_an_unknown_section(tmp_path):
     r = subprocess.run([sys.executable, "-m", "himoe", "bench", "--only", "speed"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)

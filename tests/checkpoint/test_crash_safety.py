@@ -216,6 +216,7 @@ def kill(proc):
     proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_save(tmp_path, capsys):
     """Four runs of `python -m himoe train` on one directory, the first three killed with
     SIGKILL: at a random moment, right after a save's commit point, and inside a save's

@@ -320,6 +320,7 @@ def test_a_second_writer_is_refused_and_a_killed_holder_never_blocks(work, capsy
     assert checkpoint.read_config(model)[2] == 4
 
 
+@pytest.mark.slow
 def test_two_real_trainers_on_one_directory(work):
     """`himoe train --resume` twice at once: the second exits 2 naming the first's pid."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))

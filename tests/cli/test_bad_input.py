@@ -448,6 +448,7 @@ def test_a_pickle_that_runs_code_is_refused(command, raw, target, work, capsys):
         assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_pickle_that_runs_code_is_refused_by_the_real_command(work):
     marker = work / "marker"
     plant(work / "model" / "backbone.pt", marker, raw=False)

@@ -38,6 +38,7 @@ def session(model_dir, out, colour=False, **flags):
                        colour=colour)
 
 
+@pytest.mark.slow
 def test_piped_chat_streams_replies_resets_and_exits_at_end_of_input(model_dir):
     lines = "Ham.\n\n   \n/reset\nKing.\n"  # no /quit: end of input ends the chat
     r = subprocess.run([sys.executable, "-m", "himoe", "chat", "--model_dir", str(model_dir),

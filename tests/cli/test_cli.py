@@ -25,6 +25,7 @@ def files_in(model_dir: Path) -> set[str]:
     return {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_layer", [1, 2])
 def test_train_writes_everything_the_card_promises(n_layer, tmp_path):
     model_dir = tmp_path / "model"
@@ -51,6 +52,7 @@ def test_train_writes_everything_the_card_promises(n_layer, tmp_path):
     assert all(len(e["layers"]) == n_layer and e["val_loss"] > 0 for e in evals)
 
 
+@pytest.mark.slow
 def test_card_script_resume_and_generate(tmp_path):
     model_dir = tmp_path / "run_01"
     dashed = [a.replace("_", "-") for a in TINY]  # dashed spellings work too
@@ -77,6 +79,7 @@ def test_card_script_resume_and_generate(tmp_path):
     (["generate", "--model_dir", "/nonexistent/model"], "does not exist"),
     (["train", "--routr", "dense"], "unrecognized"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
     r = run("-m", "himoe", *args, cwd=tmp_path)
     assert r.returncode == 2

@@ -86,6 +86,7 @@ CASES = {"ddp": ((), (), {}),
          "fsdp": (("--fsdp",), (), {})}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one(single_runs, tmp_path, case):
     mode, single_mode, flags = CASES[case]
@@ -112,6 +113,7 @@ def test_two_processes_equal_one(single_runs, tmp_path, case):
         assert resumed.step == 4
 
 
+@pytest.mark.slow
 def test_grad_accum_equals_one_batch(tmp_path):
     cfg = tiny_config(max_iters=4, eval_interval=2, batch_size=8, switch_coef=0.0)  # see FLAGS
     plain = Trainer(dataclasses.replace(cfg, model_dir=str(tmp_path / "a")),
@@ -155,6 +157,7 @@ def _ep_worker(rank: int, world: int, port: int, cfg, state, x_BT, y_BT, want, r
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route_to_0", [False, True], ids=["routed", "rank1_idle"])
 def test_expert_parallel_gradients(route_to_0):
     from himoe.model import HiMoEModel

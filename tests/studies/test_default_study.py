@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=2, batch_size=2,
             max_iters=2, eval_interval=1, eval_iters=1)
@@ -17,6 +19,7 @@ def study():
     return module
 
 
+@pytest.mark.slow
 def test_runs_append_lines_and_the_report_averages_seeds(tmp_path):
     s = study()
     out = tmp_path / "runs.jsonl"

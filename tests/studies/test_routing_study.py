@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_routing_study_smoke(tmp_path):
     out = tmp_path / "study.md"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing_study.py"), "--smoke",
