@@ -29,7 +29,7 @@ from himoe.router_registry import BALANCE_BIAS, router_spec
 EXPERT_ENTRIES = (("fc1.weight", "w1_EDF"), ("fc1.bias", "b1_EF"), ("fc2.weight", "w2_EFD"),
                   ("fc2.bias", "b2_ED"))
 TRANSPOSED = ("fc1.weight", "fc2.weight")
-MOE_KEY = re.compile(r"blocks\.(\d+)\.ffn\.(router|experts)\.(\w+)")
+MOE_KEY = re.compile(r"blocks\.(\d+)\.ffn\.(router|experts)\.(.+)")  # router state may nest
 
 
 def layer_prefix(cfg: HiMoEConfig, layer: int) -> str:
