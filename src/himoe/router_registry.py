@@ -51,6 +51,7 @@ def _nothing(cfg: HiMoEConfig) -> list[str]:
 
 @dataclass(frozen=True)
 class RouterSpec:
+    """One router type; the defaults suit a flat top-k router over all E experts."""
     name: str  # the --router value, saved in config.json
     help: str  # a few words for --help, e.g. "flat"
     # (cfg, layer) -> the router module of MoE layer `layer` (0-based): its forward maps
@@ -63,8 +64,9 @@ class RouterSpec:
     # file; None: every persistent state of the router under its own name. group_entries:
     # (file entry, router state stacked over the groups' expert slots, [N, M, ...] or
     # [N * M, ...]): group g's rows go to its own router file, one row per expert. A router
-    # with group entries supports groups of different sizes (`himoe experts add`): it must
-    # never pick an empty slot (see HierarchicalRouter).
+    # with group entries supports groups of different sizes (`himoe experts add`, which
+    # widens the WEIGHT and BALANCE_BIAS entries): it must never pick an empty slot (see
+    # HierarchicalRouter).
     main_entries: tuple[tuple[str, str], ...] | None = None
     group_entries: tuple[tuple[str, str], ...] = ()
     # How himoe.hf.modeling_himoe rebuilds it (the name it knows); None: no export.
