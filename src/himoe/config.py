@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from himoe.errors import UserError
+from himoe.model.routers.registry import router_names, router_spec
 
-ROUTERS = ("hierarchical", "grouped", "topk", "group_limited", "dense")
 REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -44,7 +44,7 @@ class HiMoEConfig:
     top_k_groups: int = 1
     top_k_experts: int = 1
     ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
-    router: str = "hierarchical"  # "dense" = one plain FFN per block, the baseline
+    router: str = "hierarchical"  # a himoe.model.routers.registry name; "dense": one plain FFN
     capacity_factor: float = 0.0  # 0: dropless; else each expert takes <= cf * T * k / E
     # --- routing losses and the grouped router (all but Switch off by default) ---
     switch_coef: float = 0.01  # Switch load balancing (per level for the hierarchical router)
@@ -95,7 +95,7 @@ class HiMoEConfig:
     @property
     def shared_hidden(self) -> int:
         """Width of the shared expert (0: none)."""
-        if self.router == "dense":  # the dense-equivalent is one FFN of the whole width
+        if router_spec(self.router).dense:  # the dense-equivalent: one FFN of the whole width
             return 0
         return round(self.shared_fraction * self.ffn_mult * self.n_embd)
 
@@ -122,24 +122,18 @@ class HiMoEConfig:
 
     @property
     def experts_per_token(self) -> int:
-        if self.router == "grouped":  # top_k_experts inside every group
-            return self.num_moes * self.top_k_experts
-        if self.router in ("topk", "group_limited"):  # top_k_experts over all kept experts
-            return self.top_k_experts
-        return self.top_k_groups * self.top_k_experts
+        return router_spec(self.router).experts_per_token(self)
 
     def parameter_estimate(self) -> int:
         """Parameters of the model this configuration builds (every group full, embeddings
         counted once as the LM head is tied), from the sizes alone: nothing is allocated."""
         D, F, E = self.n_embd, self.ffn_hidden, self.total_experts
         attention = 4 * D * D + 4 * D + 4 * D  # qkv and proj with biases, two LayerNorms
-        if self.router == "dense":
+        spec = router_spec(self.router)
+        if spec.dense:
             ffn = 2 * D * F + F + D
         else:
-            # A level-1 gate and level-2 gates; one gate over all experts; grouped: + scales.
-            routers = {"hierarchical": self.num_moes * D + E * D,
-                       "grouped": E * D + E}.get(self.router, E * D)
-            ffn = E * (2 * D * F + F + D) + routers
+            ffn = E * (2 * D * F + F + D) + spec.gate_params(self)
             if self.shared_hidden:
                 ffn += 2 * D * self.shared_hidden + self.shared_hidden + D
         return (self.vocab_size + self.block_size) * D + 2 * D + self.n_layer * (attention + ffn)
@@ -200,7 +194,7 @@ FLAG_NAMES = {"bpe_vocab_size": "vocab_size"}  # the flag a field is set with, w
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
          "router_temp", "bias_update_rate")
-CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
+CHOICES = {"device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
            "tokenizer": TOKENIZERS, "log": LOGGERS}
 
 
@@ -250,9 +244,10 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
     if cfg.top_k_groups > cfg.num_moes:
         return (f"{flag('top_k_groups')} {cfg.top_k_groups} is larger than {flag('num_moes')} "
                 f"{cfg.num_moes}", f"use at most {cfg.num_moes}")
-    # How many experts top_k_experts may pick from depends on the router.
-    pool = {"topk": cfg.total_experts,
-            "group_limited": cfg.top_k_groups * cfg.num_experts}.get(cfg.router, cfg.num_experts)
+    if cfg.router not in router_names():
+        return (f"{flag('router')} {cfg.router!r} is not one of {', '.join(router_names())}",
+                "pick one of those")
+    pool = router_spec(cfg.router).pool(cfg)  # the experts top_k_experts may pick from
     if cfg.top_k_experts > pool:
         return (f"{flag('top_k_experts')} {cfg.top_k_experts} is larger than the {pool} "
                 f"experts the {cfg.router} router picks from", f"use at most {pool}")
@@ -291,7 +286,7 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
 
 def _group_experts_problem(cfg: HiMoEConfig, flag) -> str | None:
     sizes = cfg.group_experts
-    if cfg.router != "hierarchical":
+    if not router_spec(cfg.router).group_routers:
         return (f"group_experts (groups of different sizes) needs the hierarchical router, "
                 f"not {cfg.router!r}")
     if not (len(sizes) == cfg.n_layer and all(

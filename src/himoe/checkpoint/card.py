@@ -15,7 +15,7 @@
 The `layer_LL_` prefix appears only when n_layer > 1, as the card lists. Group and expert
 numbers are 1-based, as in the card. Every .pt file is a plain state_dict that loads with
 torch.load(..., weights_only=True); an expert file loads into himoe.Expert on its own.
-This is the only module that knows both the stacked and the per-file layout.
+himoe.checkpoint.card_layout names these files and maps the stacked tensors to them.
 
 A save is atomic (atomic_dir): all of these files belong to the same step, and
 manifest.json, written last, is the commit record. Loading first finishes or discards a save
@@ -36,9 +36,8 @@ from pathlib import Path
 
 import torch
 
-from himoe.checkpoint import atomic_dir, safe_path
+from himoe.checkpoint import atomic_dir, card_layout, safe_path
 from himoe.checkpoint import manifest as mf
-from himoe.checkpoint.quantize import dequantize_state
 from himoe.config import HiMoEConfig
 from himoe.data.tokenizers import TOKENIZER_FILE, tokenizer_for
 from himoe.errors import UserError
@@ -50,33 +49,10 @@ METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 1
 
 
-def layer_prefix(cfg: HiMoEConfig, layer: int) -> str:
-    return f"layer_{layer + 1:02d}_" if cfg.n_layer > 1 else ""
-
-
-def main_router_file(cfg: HiMoEConfig, layer: int) -> str:
-    return f"{layer_prefix(cfg, layer)}main_router.pt"
-
-
-def group_dir(cfg: HiMoEConfig, layer: int, group: int) -> str:
-    return f"{layer_prefix(cfg, layer)}moe_expert_{group + 1:03d}"
-
-
-def group_router_file(cfg: HiMoEConfig, layer: int, group: int) -> str:
-    return f"{group_dir(cfg, layer, group)}/router.pt"
-
-
-def expert_file(cfg: HiMoEConfig, layer: int, group: int, expert: int) -> str:
-    return f"{group_dir(cfg, layer, group)}/model_{expert + 1:03d}.pt"
-
-
-def _moe_key(layer: int, name: str) -> str:
-    return f"blocks.{layer}.ffn.{name}"
-
-
 def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
-    """{relative path: state_dict} for every weight file. Tensors are cloned so that each
-    file holds only its own slice, not the whole stacked storage."""
+    """{relative path: state_dict} for every weight file (himoe.checkpoint.card_layout maps the MoE
+    layers' stacked tensors to theirs). Tensors are cloned so that each file holds only its
+    own slice, not the whole stacked storage."""
     cfg = model.cfg
     state = model.state_dict()
     moe_layers = model.moe_layers
@@ -84,35 +60,8 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
                 if k != "lm_head.weight" and not any(k.startswith(f"blocks.{i}.ffn.")
                                                      for i in moe_layers)}
     files = {"backbone.pt": backbone}
-    M = cfg.num_experts
     for layer in sorted(moe_layers):
-        sizes = cfg.group_sizes(layer)  # in memory every group has M slots, on disk its size
-        if cfg.router == "hierarchical":
-            main = {"weight": state[_moe_key(layer, "router.main_weight_ND")].clone()}
-            group_w = state[_moe_key(layer, "router.group_weight_NMD")]
-            groups = [{"weight": group_w[g, :n].clone()} for g, n in enumerate(sizes)]
-            if cfg.bias_update_rate:  # loss-free balancing state, else the card's plain gates
-                main["balance_bias"] = state[_moe_key(layer, "router.group_bias_N")].clone()
-                expert_bias = state[_moe_key(layer, "router.expert_bias_E")].view(cfg.num_moes, M)
-                for g, sd in enumerate(groups):
-                    sd["balance_bias"] = expert_bias[g, :sizes[g]].clone()
-            files[main_router_file(cfg, layer)] = main
-            for g, sd in enumerate(groups):
-                files[group_router_file(cfg, layer, g)] = sd
-        else:  # one router over all experts, with its buffers (e.g. the logit EMA)
-            prefix = _moe_key(layer, "router.")
-            files[main_router_file(cfg, layer)] = {
-                k.removeprefix(prefix): v.clone() for k, v in state.items() if k.startswith(prefix)}
-        w1 = state[_moe_key(layer, "experts.w1_EDF")]
-        b1 = state[_moe_key(layer, "experts.b1_EF")]
-        w2 = state[_moe_key(layer, "experts.w2_EFD")]
-        b2 = state[_moe_key(layer, "experts.b2_ED")]
-        for g in range(cfg.num_moes):
-            for j in range(sizes[g]):
-                e = g * M + j
-                files[expert_file(cfg, layer, g, j)] = {
-                    "fc1.weight": w1[e].t().contiguous(), "fc1.bias": b1[e].clone(),
-                    "fc2.weight": w2[e].t().contiguous(), "fc2.bias": b2[e].clone()}
+        files.update(card_layout.layer_files(cfg, layer, state))
     return files
 
 
@@ -161,50 +110,12 @@ def _load_failure(path: Path, e: Exception) -> str:
 def from_files(model: HiMoEModel, model_dir: Path) -> None:
     """Fill `model` (already built from config.json) from the per-file layout."""
     cfg = model.cfg
-    state = {}
-    moe_layers = model.moe_layers
-    state.update(load_weight_file(model_dir, "backbone.pt"))
-    state["lm_head.weight"] = state.get("tok_emb.weight")
-    M = cfg.num_experts
-    for layer in moe_layers:
-        sizes = cfg.group_sizes(layer)
-        if cfg.router == "hierarchical":
-            main = load_weight_file(model_dir, main_router_file(cfg, layer))
-            groups = [load_weight_file(model_dir, group_router_file(cfg, layer, g))
-                      for g in range(cfg.num_moes)]
-            state[_moe_key(layer, "router.main_weight_ND")] = _pick(
-                main, "weight", main_router_file(cfg, layer))
-            state[_moe_key(layer, "router.group_weight_NMD")] = torch.stack([
-                _pad_rows(_pick(sd, "weight", group_router_file(cfg, layer, g)), sizes[g], M,
-                          group_router_file(cfg, layer, g))
-                for g, sd in enumerate(groups)])
-            # A plain gate (e.g. an nn.Linear state_dict swapped in) has no balancing bias.
-            state[_moe_key(layer, "router.group_bias_N")] = main.get(
-                "balance_bias", torch.zeros(cfg.num_moes))
-            state[_moe_key(layer, "router.expert_bias_E")] = torch.cat([
-                _pad_rows(sd.get("balance_bias", torch.zeros(sizes[g])), sizes[g], M,
-                          group_router_file(cfg, layer, g))
-                for g, sd in enumerate(groups)])
-        else:
-            router = load_weight_file(model_dir, main_router_file(cfg, layer))
-            state.update({_moe_key(layer, f"router.{k}"): v for k, v in router.items()})
-        w1, b1, w2, b2 = [], [], [], []
-        for g in range(cfg.num_moes):
-            for j in range(M):
-                if j >= sizes[g]:  # an empty slot of a smaller group: zeros, never routed to
-                    for parts in (w1, b1, w2, b2):
-                        parts.append(None)
-                    continue
-                name = expert_file(cfg, layer, g, j)
-                # An int8 expert (himoe experts quantize) loads as fp32 weights.
-                sd = dequantize_state(load_weight_file(model_dir, name), name)
-                w1.append(_pick(sd, "fc1.weight", name).t())
-                b1.append(_pick(sd, "fc1.bias", name))
-                w2.append(_pick(sd, "fc2.weight", name).t())
-                b2.append(_pick(sd, "fc2.bias", name))
-        for name, parts in (("w1_EDF", w1), ("b1_EF", b1), ("w2_EFD", w2), ("b2_ED", b2)):
-            state[_moe_key(layer, f"experts.{name}")] = _stack(parts, model_dir, layer)
     expected = model.state_dict()
+    state = load_weight_file(model_dir, "backbone.pt")
+    state["lm_head.weight"] = state.get("tok_emb.weight")
+    for layer in model.moe_layers:
+        state.update(card_layout.layer_state(
+            cfg, layer, expected, lambda rel: load_weight_file(model_dir, rel), str(model_dir)))
     for key, want in expected.items():
         got = state.get(key)
         if got is None:
@@ -214,32 +125,6 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
             raise UserError(f"{model_dir}: {key} has shape {tuple(got.shape)} but config.json "
                             f"needs {tuple(want.shape)}; restore the matching file")
     model.load_state_dict({k: state[k] for k in expected})
-
-
-def _pick(sd: dict, key: str, name: str) -> torch.Tensor:
-    if key not in sd:
-        raise UserError(f"{name} has no '{key}' entry; replace it with an expert file saved "
-                        "by himoe")
-    return sd[key]
-
-
-def _stack(parts: list[torch.Tensor | None], model_dir: Path, layer: int) -> torch.Tensor:
-    """Stack the experts' tensors; None (an empty slot) becomes zeros of the same shape."""
-    shapes = {tuple(p.shape) for p in parts if p is not None}
-    if len(shapes) > 1:
-        raise UserError(f"{model_dir}: experts of layer {layer + 1} have different shapes "
-                        f"{sorted(shapes)}; every expert of a layer must match")
-    like = next(p for p in parts if p is not None)
-    return torch.stack([torch.zeros_like(like) if p is None else p for p in parts])
-
-
-def _pad_rows(t: torch.Tensor, n: int, rows: int, name: str) -> torch.Tensor:
-    """A group router's n rows (one per expert) padded with zeros to the `rows` slots every
-    group has in memory."""
-    if t.dim() == 0 or t.shape[0] != n:
-        raise UserError(f"{name} has {t.shape[0] if t.dim() else 0} rows but its group has {n} "
-                        "experts (config.json); restore the router file that matches")
-    return torch.cat([t, t.new_zeros(rows - n, *t.shape[1:])])
 
 
 # --- atomic writes: a crash leaves the old file or the new one, never half of one ---

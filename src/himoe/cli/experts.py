@@ -12,6 +12,7 @@ from pathlib import Path
 
 from himoe.cli.options import add_device, add_model_dir, seed_flag
 from himoe.errors import UserError
+from himoe.model.routers.registry import BALANCE_BIAS, router_spec
 
 
 def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
@@ -45,7 +46,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     from himoe.edit.specs import describe_file, weight_files
 
     # Router buffers (balancing biases, logit EMA) are state, not parameters.
-    buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {"balance_bias"}
+    buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {BALANCE_BIAS}
     M = cfg.num_experts
     rows = []
     for rel in weight_files(cfg):
@@ -125,7 +126,7 @@ def _quantize(args) -> int:
     model_dir = Path(args.model_dir)
     model, cfg, _, _, val, path, device, dtype = load_for_eval(model_dir, args.device,
                                                                args.data_file)
-    if cfg.router == "dense":
+    if router_spec(cfg.router).dense:
         raise UserError(f"{model_dir} is a dense model: it has no expert files to quantise")
     named = spec_files(args.only, cfg, "--only") if args.only else weight_files(cfg)
     experts = [rel for rel in named if describe_file(rel, cfg)[2] is not None]

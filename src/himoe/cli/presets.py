@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
+from himoe.model.routers.registry import router_spec
 
 # The source designs have no shared expert; each states its own balancing loss.
 _SOURCE = dict(shared_fraction=0.0, switch_coef=0.0)
@@ -45,7 +46,7 @@ def preset_values(name: str, given: dict) -> dict:
     if name not in PRESETS:
         raise UserError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
     values = {**PRESETS[name], **given, "preset": name}
-    if "expert_hidden" not in given and values["router"] != "dense":
+    if "expert_hidden" not in given and not router_spec(values["router"]).dense:
         probe = HiMoEConfig(**{k: v for k, v in values.items() if k != "expert_hidden"})
         k = probe.experts_per_token
         if k > 1:  # rounded to a multiple of 8 for aligned matmuls

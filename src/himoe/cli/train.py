@@ -13,13 +13,13 @@ from himoe.config import (
     LOGGERS,
     MODEL_FIELDS,
     REG_FORMS,
-    ROUTERS,
     TOKENIZERS,
     HiMoEConfig,
 )
 from himoe.errors import UserError
+from himoe.model.routers.registry import router_help, router_names
 
-CHOICES = {"router": ROUTERS, "device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
+CHOICES = {"device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
            "preset": tuple(PRESETS), "tokenizer": TOKENIZERS, "log": LOGGERS}
 # The BPE target size takes the natural flag; the config's vocab_size is what the trained
 # tokenizer has (the embedding's rows) and is never a flag.
@@ -31,8 +31,6 @@ HELP = {
     "dropout": "dropout rate", "top_k_groups": "MoE blocks chosen per token (level 1)",
     "top_k_experts": "experts chosen per chosen block (level 2)",
     "ffn_mult": "expert hidden width as a multiple of n_embd",
-    "router": "hierarchical (the card's), grouped (Hi-MoE), topk (flat), group_limited "
-              "(DeepSeek-V3) or dense (one plain FFN: the baseline)",
     "capacity_factor": "0 = dropless; else an expert keeps its cf*T*k/E highest-weight tokens",
     "batch_size": "training batch size", "max_iters": "training steps",
     "lr": "peak learning rate", "warmup_iters": "linear warm-up steps",
@@ -97,9 +95,12 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         names = ALIASES.get(f.name, []) + [f"--{f.name}"] + (
             [f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = getattr(defaults, f.name)
+        # The router types registered by now, those from outside the package included.
+        choices, text = ((router_names(), router_help()) if f.name == "router" else
+                         (CHOICES.get(f.name), HELP.get(f.name, "")))
         parser.add_argument(*names, dest=f.name, type=_flag_type(default, f.name),
-                            choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
-                            help=f"{HELP.get(f.name, '')} (default: {default})")
+                            choices=choices, default=argparse.SUPPRESS,
+                            help=f"{text} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:

@@ -33,6 +33,7 @@ from himoe.distributed import expert_parallel, sharded
 from himoe.distributed.collectives import gather_rows, mean_over_ranks, sum_over_ranks_
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.model.routers.registry import router_spec
 from himoe.training.optim import clip_grad_norm, grad_norm, scale_gradients
 
 
@@ -70,7 +71,7 @@ class Parallel:
         if train_only is not None and self.world > 1:
             raise UserError("--train_only runs in one process; launch it without torchrun")
         if self.mode == "expert_parallel":
-            if cfg.router == "dense":
+            if router_spec(cfg.router).dense:
                 raise UserError("--expert_parallel needs MoE layers; the dense router has "
                                 "none, use plain torchrun (data-parallel) instead")
             if cfg.total_experts % self.world:

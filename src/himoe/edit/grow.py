@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 
 from himoe.checkpoint import card as checkpoint
-from himoe.checkpoint import safe_path
+from himoe.checkpoint import card_layout, safe_path
 from himoe.config import HiMoEConfig
-from himoe.edit.surgery import BALANCE_BIAS, current_manifest, rewrite, torch_writer
+from himoe.edit.surgery import current_manifest, rewrite, torch_writer
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.model.routers.registry import BALANCE_BIAS, WEIGHT, router_spec
 from himoe.training.optim import build_optimizer
-
-SLOT_PARAM = re.compile(r"blocks\.(\d+)\.ffn\.(experts\.\w+|router\.group_weight_NMD)")
 
 
 def parse_init(text: str, size: int) -> int | None:
@@ -64,10 +63,10 @@ def widened_router(sd: dict, source: int | None, gen: torch.Generator) -> dict:
     """The group router with one more row: a copy of expert `source`'s row, or a fresh one
     (std 0.02, as at initialisation). A copied row starts the new expert as its source's
     twin: the two split that row's tokens as training separates them."""
-    w_MD = sd["weight"]
+    w_MD = sd[WEIGHT]
     row_D = w_MD[source].clone() if source is not None else torch.randn(
         w_MD.shape[1], generator=gen) * 0.02
-    out = {"weight": torch.cat([w_MD, row_D[None].to(w_MD.dtype)])}
+    out = {WEIGHT: torch.cat([w_MD, row_D[None].to(w_MD.dtype)])}
     if BALANCE_BIAS in sd:
         bias = sd[BALANCE_BIAS]
         start = bias[source] if source is not None else bias.new_zeros(())
@@ -75,16 +74,15 @@ def widened_router(sd: dict, source: int | None, gen: torch.Generator) -> dict:
     return out
 
 
-def move_slots(t: torch.Tensor, old: HiMoEConfig, new: HiMoEConfig, layer: int) -> torch.Tensor:
-    """A tensor stacked over layer `layer`'s slots (g * M + j on dim 0, or [N, M, ...]) in
-    the new layout: every expert keeps its (group, index), new slots are zero."""
-    M_old, M_new, N = old.num_experts, new.num_experts, old.num_moes
-    stacked_NM = t.shape[:2] == (N, M_old)
-    flat = t.reshape(N * M_old, *t.shape[2 if stacked_NM else 1:])
-    out = flat.new_zeros(N * M_new, *flat.shape[1:])
+def move_slots(t: torch.Tensor, key: str, old: HiMoEConfig, new: HiMoEConfig,
+               layer: int) -> torch.Tensor:
+    """Tensor `t` of state_dict entry `key`, stacked over layer `layer`'s slots, in the new
+    layout: every expert keeps its (group, index), new slots are zero."""
+    t_NM = card_layout.slots_NM(t, key, old)
+    out_NM = t_NM.new_zeros(new.num_moes, new.num_experts, *t_NM.shape[2:])
     for g, n in enumerate(old.group_sizes(layer)):
-        out[g * M_new:g * M_new + n] = flat[g * M_old:g * M_old + n]
-    return out.view(N, M_new, *flat.shape[1:]) if stacked_NM else out
+        out_NM[g, :n] = t_NM[g, :n]
+    return out_NM if card_layout.stacked_NM(key) else out_NM.flatten(0, 1)
 
 
 def grown_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig) -> dict:
@@ -96,12 +94,13 @@ def grown_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig) -> dict:
              for p in group["params"]]
     moved = {}
     for index, slot_state in state["optimizer"]["state"].items():
-        m = SLOT_PARAM.fullmatch(order[index])
-        if m is None:
+        key = order[index]
+        layer = card_layout.slot_layer(old, key)
+        if layer is None:
             moved[index] = slot_state
             continue
-        shape = tuple(model.get_parameter(order[index]).shape)
-        moved[index] = {k: move_slots(v, old, new, int(m[1]))
+        shape = tuple(model.get_parameter(key).shape)
+        moved[index] = {k: move_slots(v, key, old, new, layer)
                         if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
                         for k, v in slot_state.items()}
     return state | {"optimizer": state["optimizer"] | {"state": moved}}
@@ -112,7 +111,7 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
     returns one line saying what was written."""
     model_dir = Path(model_dir)
     cfg, vocab, step = checkpoint.read_config(model_dir)
-    if cfg.router != "hierarchical":
+    if not router_spec(cfg.router).group_routers:
         raise UserError(f"{model_dir} uses the {cfg.router!r} router, which has no per-group "
                         "router to widen; `experts add` works on hierarchical models (the "
                         "card's)")
@@ -125,17 +124,17 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
     current_manifest(model_dir)  # refuse a damaged directory before any work
     new_cfg = grown_config(cfg, L, G)
     gen = torch.Generator().manual_seed(seed)
-    expert_rel = checkpoint.expert_file(cfg, L, G, size)
-    router_rel = checkpoint.group_router_file(cfg, L, G)
+    expert_rel = card_layout.expert_file(cfg, L, G, size)
+    router_rel = card_layout.group_router_file(cfg, L, G)
     router = checkpoint.load_weight_file(model_dir, router_rel)
-    if "weight" not in router or router["weight"].shape[0] != size:
+    if WEIGHT not in router or router[WEIGHT].shape[0] != size:
         raise UserError(f"{model_dir / router_rel} does not hold the {size}-row router of its "
                         "group; restore it before adding an expert")
     if source is None:
         expert_writer = torch_writer(new_expert_state(cfg, gen))
     else:  # bytes as they are: an int8 expert stays int8
-        expert_writer = checkpoint.copy_writer(model_dir, checkpoint.expert_file(cfg, L, G,
-                                                                                 source))
+        expert_writer = checkpoint.copy_writer(model_dir, card_layout.expert_file(cfg, L, G,
+                                                                                  source))
     writers = {expert_rel: expert_writer,
                router_rel: torch_writer(widened_router(router, source, gen)),
                checkpoint.CONFIG_FILE: lambda f: f.write(

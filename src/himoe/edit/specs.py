@@ -4,8 +4,9 @@
     layerL                   MoE layer L: its routers and all its experts
     layerL.router            its level-1 router ([layer_LL_]main_router.pt)
     layerL.groupG            group G of layer L: its level-2 router and its experts
-    layerL.groupG.router     group G's level-2 router (moe_expert_00G/router.pt); hierarchical
-                             router only, the others have one router file per layer
+    layerL.groupG.router     group G's level-2 router (moe_expert_00G/router.pt); routers
+                             with per-group router files only (hierarchical), the others
+                             have one router file per layer
     layerL.groupG.expertJ    expert J of group G (moe_expert_00G/model_00J.pt)
 
 Several parts are separated by commas. Each part is a set of weight files, so every command
@@ -17,9 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import card_layout
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
+from himoe.model.routers.registry import router_spec
 
 PATTERN = re.compile(r"layer(\d+)(?:\.group(\d+))?(?:\.(router|expert(\d+)))?")
 EXAMPLES = "e.g. layer1.group2.expert3, layer1.group2.router, layer1.router, layer1 or backbone"
@@ -40,7 +42,8 @@ def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
     m = PATTERN.fullmatch(text)
     if m is None:
         raise UserError(f"{flag} {text!r} is not a SPEC; name a part as {EXAMPLES}")
-    if cfg.router == "dense":
+    spec = router_spec(cfg.router)
+    if spec.dense:
         raise UserError(f"{flag} {text!r}: this model is dense (no experts or routers); only "
                         "'backbone' names a part of it")
     layer, group, kind, expert = m.groups()
@@ -56,7 +59,7 @@ def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
     if expert is not None and int(expert) > cfg.group_sizes(int(layer) - 1)[int(group) - 1]:
         raise UserError(f"{flag} {text!r}: group {group} of layer {layer} has experts "
                         f"1-{cfg.group_sizes(int(layer) - 1)[int(group) - 1]}")
-    if kind == "router" and group is not None and cfg.router != "hierarchical":
+    if kind == "router" and group is not None and not spec.group_routers:
         raise UserError(f"{flag} {text!r}: the {cfg.router} router has one router file per "
                         f"layer; name it layer{layer}.router")
     return Part(int(layer) - 1, None if group is None else int(group) - 1,
@@ -74,19 +77,19 @@ def part_files(part: Part, cfg: HiMoEConfig) -> list[str]:
     """The weight files (relative paths) that make up `part`."""
     if part.layer is None:
         return ["backbone.pt"]
-    L, hier = part.layer, cfg.router == "hierarchical"
+    L, group_routers = part.layer, router_spec(cfg.router).group_routers
     if part.expert is not None:
-        return [checkpoint.expert_file(cfg, L, part.group, part.expert)]
+        return [card_layout.expert_file(cfg, L, part.group, part.expert)]
     if part.router:
         if part.group is None:
-            return [checkpoint.main_router_file(cfg, L)]
-        return [checkpoint.group_router_file(cfg, L, part.group)]
+            return [card_layout.main_router_file(cfg, L)]
+        return [card_layout.group_router_file(cfg, L, part.group)]
     groups = range(cfg.num_moes) if part.group is None else [part.group]
-    files = [checkpoint.main_router_file(cfg, L)] if part.group is None else []
+    files = [card_layout.main_router_file(cfg, L)] if part.group is None else []
     for g in groups:
-        if hier:
-            files.append(checkpoint.group_router_file(cfg, L, g))
-        files += [checkpoint.expert_file(cfg, L, g, j) for j in range(cfg.group_sizes(L)[g])]
+        if group_routers:
+            files.append(card_layout.group_router_file(cfg, L, g))
+        files += [card_layout.expert_file(cfg, L, g, j) for j in range(cfg.group_sizes(L)[g])]
     return files
 
 
@@ -101,7 +104,7 @@ def spec_files(text: str, cfg: HiMoEConfig, flag: str) -> list[str]:
 def weight_files(cfg: HiMoEConfig) -> list[str]:
     """Every weight file of a model with this configuration."""
     files = ["backbone.pt"]
-    if cfg.router != "dense":
+    if not router_spec(cfg.router).dense:
         for layer in range(cfg.n_layer):
             files += part_files(Part(layer), cfg)
     return files
@@ -111,12 +114,12 @@ def describe_file(rel: str, cfg: HiMoEConfig) -> tuple[int | None, int | None, i
     """(layer, group, expert), 1-based, of a weight file; None where it does not apply (a
     router has no expert number, a layer router no group)."""
     for layer in range(cfg.n_layer):
-        if rel == checkpoint.main_router_file(cfg, layer):
+        if rel == card_layout.main_router_file(cfg, layer):
             return layer + 1, None, None
         for g, size in enumerate(cfg.group_sizes(layer)):
-            if rel == checkpoint.group_router_file(cfg, layer, g):
+            if rel == card_layout.group_router_file(cfg, layer, g):
                 return layer + 1, g + 1, None
             for j in range(size):
-                if rel == checkpoint.expert_file(cfg, layer, g, j):
+                if rel == card_layout.expert_file(cfg, layer, g, j):
                     return layer + 1, g + 1, j + 1
     return None, None, None

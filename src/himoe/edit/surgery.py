@@ -20,8 +20,7 @@ from himoe.checkpoint import manifest as mf
 from himoe.checkpoint.quantize import dequantize_state
 from himoe.edit.specs import describe_file, spec_files, weight_files
 from himoe.errors import UserError
-
-BALANCE_BIAS = "balance_bias"  # optional in a router file (loss-free balancing state)
+from himoe.model.routers.registry import BALANCE_BIAS, WEIGHT
 
 
 def current_manifest(model_dir: Path) -> dict:
@@ -91,9 +90,9 @@ def check_compatible(from_dir: Path, model_dir: Path, rel: str) -> None:
     if extra:
         raise UserError(f"{new_path} has entries {extra} that {old_path} does not; swap in "
                         "the same kind of file")
-    if BALANCE_BIAS in new and "weight" in old and new[BALANCE_BIAS] != (old["weight"][0],):
+    if BALANCE_BIAS in new and WEIGHT in old and new[BALANCE_BIAS] != (old[WEIGHT][0],):
         raise UserError(f"{new_path}: {BALANCE_BIAS} has shape {new[BALANCE_BIAS]} but the "
-                        f"router needs ({old['weight'][0]},); swap in a matching router")
+                        f"router needs ({old[WEIGHT][0]},); swap in a matching router")
 
 
 def resolve_file(model_dir: Path, file: str | None, part: str | None, flag_file: str,

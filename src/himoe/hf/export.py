@@ -33,12 +33,10 @@ from himoe.checkpoint.atomic_dir import WriterLock, is_dead_temp
 from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.hf.tokenizer import TOKENIZER_FILE, model_tokenizer_json
+from himoe.model.routers.registry import router_spec
 
 REMOTE_FILES = ("configuration_himoe.py", "modeling_himoe.py")
 WEIGHTS_FILE = "model.safetensors"
-# In-memory state himoe keeps for training only: the grouped router's logit EMA corrects
-# its selection while training, never at inference.
-TRAINING_ONLY = ("router.logit_ema_E",)
 
 
 def hf_config(cfg: HiMoEConfig, blank: int) -> dict:
@@ -54,7 +52,8 @@ def hf_config(cfg: HiMoEConfig, blank: int) -> dict:
         "num_experts": cfg.num_experts, "top_k_groups": cfg.top_k_groups,
         "top_k_experts": cfg.top_k_experts, "expert_hidden": cfg.ffn_hidden,
         "shared_expert": cfg.shared_hidden,
-        "router": cfg.router, "renormalize": cfg.renormalize, "router_temp": cfg.router_temp,
+        "router": router_spec(cfg.router).hf_name, "renormalize": cfg.renormalize,
+        "router_temp": cfg.router_temp,
         "capacity_factor": cfg.capacity_factor, "group_experts": cfg.group_experts,
         "layer_norm_eps": 1e-5,
         "tie_word_embeddings": True, "bos_token_id": blank, "use_cache": True,
@@ -102,9 +101,12 @@ def check_out(out: Path, force: bool) -> None:
 
 def weights(model) -> dict:
     """The tensors of the export: every persistent tensor but the tied LM head (the
-    embedding is read in its place) and the training-only state."""
+    embedding is read in its place) and the router's training-only state (e.g. the grouped
+    router's logit EMA, which corrects its selection in training, never at inference)."""
+    training_only = tuple(f"router.{name}"
+                          for name in router_spec(model.cfg.router).hf_training_only)
     return {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()
-            if k != "lm_head.weight" and not k.endswith(TRAINING_ONLY)}
+            if k != "lm_head.weight" and not k.endswith(training_only)}
 
 
 def write_export(tmp: Path, model, cfg: HiMoEConfig, blank: int, tokenizer: str,
@@ -166,6 +168,9 @@ def export_hf(model_dir: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"--out {out} would replace the model directory {model_dir}; pick a "
                         "path outside it")
     cfg, vocab, _ = read_config(model_dir)  # bad input stops here, before the bar starts
+    if router_spec(cfg.router).hf_name is None:
+        raise UserError(f"{model_dir} uses the {cfg.router!r} router, which modeling_himoe.py "
+                        "cannot rebuild; only the built-in routers export to Hugging Face")
     safe_path.check_tree(model_dir)  # a link or FIFO would stop the load half-way
     tokenizer = model_tokenizer_json(model_dir, vocab, cfg.vocab_size)
     # Three steps of similar length for a card-size model: read the expert files, write

@@ -18,6 +18,7 @@ from torch import nn
 from himoe.config import HiMoEConfig
 from himoe.distributed.collectives import mean_over_ranks
 from himoe.model import losses
+from himoe.model.routers.registry import router_spec
 
 
 @dataclass
@@ -277,7 +278,5 @@ class GroupLimitedRouter(TopKRouter):
 
 
 def build_router(cfg: HiMoEConfig, layer: int = 0) -> nn.Module:
-    if cfg.router == "hierarchical":
-        return HierarchicalRouter(cfg, layer)
-    routers = {"grouped": GroupedRouter, "topk": TopKRouter, "group_limited": GroupLimitedRouter}
-    return routers[cfg.router](cfg)
+    """The router of MoE layer `layer` (0-based), of the type cfg.router names."""
+    return router_spec(cfg.router).build(cfg, layer)

@@ -10,6 +10,7 @@ from himoe.config import HiMoEConfig
 from himoe.model.attention import CausalSelfAttention, KVCache
 from himoe.model.experts import DenseFFN
 from himoe.model.moe import MoELayer
+from himoe.model.routers.registry import router_spec
 
 
 class Block(nn.Module):
@@ -18,7 +19,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
-        if cfg.router == "dense":
+        if router_spec(cfg.router).dense:
             self.ffn = DenseFFN(cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         else:
             self.ffn = MoELayer(cfg, layer)
@@ -116,16 +117,17 @@ class HiMoEModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         active = total
         cfg = self.cfg
+        group_state = {name for _, name in router_spec(cfg.router).group_entries}
         for moe in self.moe_layers.values():
             bank = sum(p.numel() for p in moe.experts.parameters())
             per_expert = bank // cfg.total_experts
             empty = cfg.total_experts - moe.num_real_experts  # slots of ragged groups
             total -= empty * per_expert
             active -= bank - per_expert * cfg.experts_per_token
-            if cfg.router == "hierarchical":  # only the chosen groups' level-2 routers run
-                level2 = moe.router.group_weight_NMD.numel()
-                total -= empty * cfg.n_embd
-                active -= level2 - level2 // cfg.num_moes * cfg.top_k_groups
+            for name, p in moe.router.named_parameters():
+                if name in group_state:  # only the chosen groups' own routers run
+                    total -= empty * (p.numel() // cfg.total_experts)
+                    active -= p.numel() - p.numel() // cfg.num_moes * cfg.top_k_groups
         return total, active
 
     @torch.no_grad()

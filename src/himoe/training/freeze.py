@@ -1,10 +1,11 @@
 """--train_only SPEC: train the named weight files of a model, keep every other one exactly.
 
 The experts of a layer are one stacked tensor (w1_EDF, ...) and the level-2 routers one
-[N, M, D] tensor, so a file is often a slice of a parameter. A parameter with nothing to
-train gets requires_grad False (AdamW then skips it: no update, no weight decay). A
-parameter with some rows to train keeps its gradient, with a hook that zeroes the frozen
-rows (so they do not count towards gradient clipping). AdamW's moments and weight decay
+[N, M, D] tensor, so a file is often a slice of a parameter
+(himoe.checkpoint.card_layout.owner_files says which file owns which rows). A parameter
+with nothing to train gets requires_grad False (AdamW then skips it: no update, no weight
+decay). A parameter with some rows to train keeps its gradient, with a hook that zeroes the
+frozen rows (so they do not count towards gradient clipping). AdamW's moments and weight decay
 would still move those rows, so after every optimiser step they are put back from a copy
 taken at the start: exact, whatever the optimiser does. Router buffers that change in
 training (loss-free balancing biases, a logit EMA) are put back the same way.
@@ -12,35 +13,11 @@ training (loss-free balancing biases, a logit EMA) are put back the same way.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from himoe.checkpoint import card as checkpoint
-from himoe.config import HiMoEConfig
+from himoe.checkpoint.card_layout import owner_files
 from himoe.edit.specs import weight_files
 from himoe.model import HiMoEModel
-
-MOE_KEY = re.compile(r"blocks\.(\d+)\.ffn\.(router|experts)\.(\w+)")
-
-
-def owner_files(cfg: HiMoEConfig, key: str) -> str | list[str]:
-    """The weight file that holds state_dict entry `key`: one name for a whole tensor, or
-    one per row (dim 0) for tensors stacked over experts or groups."""
-    m = MOE_KEY.fullmatch(key)
-    if m is None or cfg.router == "dense":
-        return "backbone.pt"
-    layer, part, name = int(m[1]), m[2], m[3]
-    M, real = cfg.num_experts, set(cfg.real_slots(layer))
-    if part == "experts":  # an empty slot of a ragged group belongs to no file: kept as is
-        return [checkpoint.expert_file(cfg, layer, e // M, e % M) if e in real else ""
-                for e in range(cfg.total_experts)]
-    if cfg.router == "hierarchical" and name == "group_weight_NMD":
-        return [checkpoint.group_router_file(cfg, layer, g) for g in range(cfg.num_moes)]
-    if cfg.router == "hierarchical" and name == "expert_bias_E":  # saved with group routers
-        return [checkpoint.group_router_file(cfg, layer, e // M)
-                for e in range(cfg.total_experts)]
-    return checkpoint.main_router_file(cfg, layer)
 
 
 class Freezer:

@@ -30,6 +30,7 @@ from himoe.edit.specs import spec_files
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.model.grad_sink import zero_grads
+from himoe.model.routers.registry import router_spec
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
@@ -102,10 +103,7 @@ class NonFiniteStep(Exception):
 def routing_schedule(cfg: HiMoEConfig) -> str:
     """Which balancing acts when, in the Hi-MoE paper's two stages: stage 1 at routing time
     (selection-side corrections), stage 2 in the loss (R_intra ramped in last)."""
-    stage1 = []
-    if cfg.router == "grouped":
-        stage1 += [f"logit-EMA bias correction (tau {cfg.bias_tau}, beta {cfg.ema_beta})",
-                   "equal traffic per group (top-k inside every group)"]
+    stage1 = list(router_spec(cfg.router).selection(cfg))
     if cfg.bias_update_rate:
         stage1.append(f"loss-free selection bias (u {cfg.bias_update_rate})")
     if cfg.capacity_factor:
@@ -187,18 +185,10 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dt
                 "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
 
 
-# The flag that balances each kind of router, named in the collapse warning.
-BALANCE_HINTS = {
-    "hierarchical": "the default routing balances it: --switch_coef 0.01 --shared_fraction 0.5 "
-                    "(README, 'The default routing')",
-    "flat": "balance it with --switch_coef 0.01 or --bias_update_rate 1e-3",
-}
-
-
 def flag_collapse(layers: list[dict], cfg: HiMoEConfig) -> list[str]:
     """Marks each layer's figures with "collapsed" (kept in metrics.jsonl) and returns one
     warning line per collapsed layer, naming the flag that balances this router."""
-    hint = BALANCE_HINTS.get(cfg.router, BALANCE_HINTS["flat"])
+    hint = router_spec(cfg.router).balance_hint
     warnings = []
     for i, figures in enumerate(layers, start=1):
         warning = collapse_warning(i, figures, hint)
