@@ -14,13 +14,13 @@ from torch import nn
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint.verify import verify
 from himoe.model import losses
+from himoe.model.routers.base import Routing
 from himoe.model.routers.registry import (
     RouterSpec,
     register_router,
     router_names,
     unregister_router,
 )
-from himoe.model.routing import Routing
 from himoe.training.trainer import Trainer
 from tests.cli.test_bad_input import SMALL, TEXT, assert_one_line_error, himoe
 from tests.conftest import tiny_config

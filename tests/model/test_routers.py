@@ -13,7 +13,8 @@ from himoe.checkpoint import card as checkpoint
 from himoe.cli.presets import PRESETS, preset_values
 from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
-from himoe.model.routing import GroupLimitedRouter, TopKRouter, build_router
+from himoe.model.routers.flat import GroupLimitedRouter, TopKRouter
+from himoe.model.routers.registry import build_router
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from himoe.checkpoint import card as checkpoint
 from himoe.model import GroupedRouter, HierarchicalRouter, HiMoEModel, losses
-from himoe.model.routing import two_level_switch_loss
+from himoe.model.routers.hierarchical import two_level_switch_loss
 from tests.conftest import tiny_config
 
 # Two tokens, four experts in two groups of two.

@@ -15,7 +15,8 @@ auxiliary balance losses, capacity limits) see each rank's micro-batch.
 
 Router state that changes in training stays identical on every rank: loss-free balancing
 counts are summed over ranks before the bias update, and the grouped router's logit EMA is
-fed the mean over ranks of the batch-mean logits (routing.py calls mean_over_ranks).
+fed the mean over ranks of the batch-mean logits (the grouped router in
+himoe.model.routers.flat calls mean_over_ranks).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ The classes import torch, so they load on first use: the router registry
 __all__ = ["DenseFFN", "Expert", "ExpertBank", "GroupedRouter", "HiMoEModel",
            "HierarchicalRouter", "MoELayer", "Routing"]
 _HOMES = {"DenseFFN": "experts", "Expert": "experts", "ExpertBank": "experts",
-          "MoELayer": "moe", "GroupedRouter": "routing", "HierarchicalRouter": "routing",
-          "Routing": "routing", "HiMoEModel": "transformer"}
+          "MoELayer": "moe", "GroupedRouter": "routers.flat",
+          "HierarchicalRouter": "routers.hierarchical", "Routing": "routers.base",
+          "HiMoEModel": "transformer"}
 
 
 def __getattr__(name: str):

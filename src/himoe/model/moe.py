@@ -9,7 +9,7 @@ from torch import nn
 
 from himoe.config import HiMoEConfig
 from himoe.model.experts import ExpertBank
-from himoe.model.routing import build_router
+from himoe.model.routers.registry import build_router
 
 
 class MoELayer(nn.Module):

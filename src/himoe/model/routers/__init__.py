@@ -1,2 +1,2 @@
-"""Router types: the registry of what each router states (registry.py); the built-in
-routers' modules are in himoe.model.routing."""
+"""Routers: the contract they keep (base), the registry of router types (registry), the
+card's two-level router (hierarchical) and the routers over all experts at once (flat)."""

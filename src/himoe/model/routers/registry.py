@@ -7,7 +7,8 @@ register_router adds a type, also one defined outside the package; afterwards tr
 saving, loading, --train_only, verify and resume work on it with no other change.
 
 This module imports no torch, so the command line gets its --router choices and help fast;
-the built-in routers are imported from himoe.model.routing when the first one is built.
+the built-in routers (hierarchical.py, flat.py beside this file) are imported when the
+first one is built.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class RouterSpec:
     name: str  # the --router value, saved in config.json
     help: str  # a few words for --help, e.g. "flat"
     # (cfg, layer) -> the router module of MoE layer `layer` (0-based): its forward maps
-    # x_TD to a himoe.model.routing.Routing. None: no router and no experts, one dense FFN.
+    # x_TD to a himoe.model.routers.base.Routing. None: no router and no experts, one dense FFN.
     build: Callable[[HiMoEConfig, int], nn.Module] | None
     experts_per_token: Callable[[HiMoEConfig], int] = _top_k
     pool: Callable[[HiMoEConfig], int] = _all_experts  # the experts top_k_experts picks from
@@ -121,13 +122,13 @@ def router_help() -> str:
 
 # --- the built-in routers ---
 
-def _routing_class(name: str, per_layer: bool = False):
-    """A builder of himoe.model.routing's class `name`; per_layer: it takes the layer (its
-    groups' sizes)."""
+def _routing_class(module: str, name: str, per_layer: bool = False):
+    """A builder of class `name` of himoe.model.routers.`module`; per_layer: it takes the
+    layer (its groups' sizes)."""
     def build(cfg: HiMoEConfig, layer: int) -> nn.Module:
-        from himoe.model import routing  # torch: imported when a model is built
+        import importlib  # torch: imported when a model is built
 
-        cls = getattr(routing, name)
+        cls = getattr(importlib.import_module(f"himoe.model.routers.{module}"), name)
         return cls(cfg, layer) if per_layer else cls(cfg)
     return build
 
@@ -146,7 +147,8 @@ def _one_group(cfg: HiMoEConfig) -> int:
 
 
 register_router(RouterSpec(
-    "hierarchical", "the card's", _routing_class("HierarchicalRouter", per_layer=True),
+    "hierarchical", "the card's",
+    _routing_class("hierarchical", "HierarchicalRouter", per_layer=True),
     experts_per_token=_two_level_top_k, pool=_one_group,
     gate_params=lambda cfg: cfg.num_moes * cfg.n_embd + cfg.total_experts * cfg.n_embd,
     main_entries=((WEIGHT, "main_weight_ND"), (BALANCE_BIAS, "group_bias_N")),
@@ -155,14 +157,19 @@ register_router(RouterSpec(
     balance_hint="the default routing balances it: --switch_coef 0.01 --shared_fraction 0.5 "
                  "(README, 'The default routing')"))
 register_router(RouterSpec(
-    "grouped", "Hi-MoE", _routing_class("GroupedRouter"),
+    "grouped", "Hi-MoE", _routing_class("flat", "GroupedRouter"),
     experts_per_token=lambda cfg: cfg.num_moes * cfg.top_k_experts,  # top-k in every group
     pool=_one_group, gate_params=lambda cfg: cfg.total_experts * (cfg.n_embd + 1),  # + scales
     hf_name="grouped", hf_training_only=("logit_ema_E",),  # corrects training selection only
     selection=_grouped_selection))
-register_router(RouterSpec("topk", "flat", _routing_class("TopKRouter"), hf_name="topk"))
+register_router(RouterSpec("topk", "flat", _routing_class("flat", "TopKRouter"), hf_name="topk"))
 register_router(RouterSpec(
-    "group_limited", "DeepSeek-V3", _routing_class("GroupLimitedRouter"),
+    "group_limited", "DeepSeek-V3", _routing_class("flat", "GroupLimitedRouter"),
     pool=lambda cfg: cfg.top_k_groups * cfg.num_experts, hf_name="group_limited"))
 register_router(RouterSpec("dense", "one plain FFN: the baseline", None,
                            experts_per_token=_two_level_top_k, pool=_one_group, hf_name="dense"))
+
+
+def build_router(cfg: HiMoEConfig, layer: int = 0) -> nn.Module | None:
+    """The router of MoE layer `layer` (0-based), of the type cfg.router names."""
+    return router_spec(cfg.router).build(cfg, layer)

@@ -1,0 +1,117 @@
+"""The card's two-level router: level 1 picks groups, each group's own router its experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from himoe.config import HiMoEConfig
+from himoe.model import losses
+from himoe.model.routers.base import Routing, hi_moe_terms, sign_update
+
+
+class HierarchicalRouter(nn.Module):
+    """Level 1 picks top_k_groups of N groups; each kept group's own router picks
+    top_k_experts of its M experts. Combine weight = p1[g] * p2[g, j], so the language-model
+    loss reaches both levels (a bare argmax would give neither router any gradient)."""
+
+    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.main_weight_ND = nn.Parameter(torch.empty(cfg.num_moes, cfg.n_embd))
+        self.group_weight_NMD = nn.Parameter(torch.empty(cfg.num_moes, cfg.num_experts,
+                                                         cfg.n_embd))
+        nn.init.normal_(self.main_weight_ND, std=0.02)
+        nn.init.normal_(self.group_weight_NMD, std=0.02)
+        self.intra_scale = 1.0  # set by the trainer for the R_intra warm-up
+        # Loss-free balancing: selection biases for groups and for experts within groups.
+        self.register_buffer("group_bias_N", torch.zeros(cfg.num_moes))
+        self.register_buffer("expert_bias_E", torch.zeros(cfg.total_experts))
+        self.register_buffer("group_counts_N", torch.zeros(cfg.num_moes), persistent=False)
+        self.register_buffer("expert_counts_E", torch.zeros(cfg.total_experts),
+                             persistent=False)
+        # Groups of different sizes (after `himoe experts add`): the empty slots of the
+        # smaller groups get logit -inf, so probability 0 and never picked.
+        sizes_N = torch.tensor(cfg.group_sizes(layer), dtype=torch.float32)
+        self.register_buffer("group_sizes_N", sizes_N, persistent=False)
+        self.register_buffer("slot_mask_NM", torch.arange(cfg.num_experts) < sizes_N[:, None],
+                             persistent=False)
+        self.ragged = min(cfg.group_sizes(layer)) < cfg.num_experts  # no tensor read: may be meta
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        N, M = cfg.num_moes, cfg.num_experts
+        # Both levels' logits, all N*M of level 2 (M is small), in one matmul: on a CPU two
+        # skinny matmuls and their backward cost ~2% of a card step more. Only the chosen
+        # groups' level-2 rows are kept, so gradient reaches only the routers picked.
+        w_CD = torch.cat([self.main_weight_ND, self.group_weight_NMD.reshape(N * M, -1)])
+        z_TC = x_TD.float() @ w_CD.float().t()
+        logits1_TN, logits2_TNM = z_TC[:, :N], z_TC[:, N:].view(-1, N, M)
+        p1_TN = F.softmax(logits1_TN, dim=-1)
+        g_TG = (p1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
+        p1_TG = p1_TN.gather(1, g_TG)  # G = top_k_groups; weights never see the bias
+        if self.ragged:
+            logits2_TNM = logits2_TNM.masked_fill(~self.slot_mask_NM, float("-inf"))
+        idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
+        logits2_TGM = logits2_TNM.gather(1, idx_TGM)
+        p2_TGM = F.softmax(logits2_TGM, dim=-1)
+        bias_TGM = self.expert_bias_E.view(N, M)[g_TG]
+        j_TGJ = (p2_TGM + bias_TGM).topk(cfg.top_k_experts, dim=-1).indices  # J = top_k_experts
+        p2_TGJ = p2_TGM.gather(2, j_TGJ)
+        ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
+        weights_TK = (p1_TG.unsqueeze(-1) * p2_TGJ).flatten(1)
+        if self.training and cfg.bias_update_rate:
+            self.group_counts_N += torch.bincount(g_TG.reshape(-1), minlength=N)
+            self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=N * M)
+        aux = {}
+        if cfg.switch_coef:
+            aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ,
+                                                                    self.group_sizes_N)
+        if cfg.z_coef:
+            aux["z"] = cfg.z_coef * (losses.z_loss(logits1_TN)
+                                     + losses.z_loss(logits2_TGM.reshape(-1, M)))  # -inf: exp 0
+        if cfg.inter_coef or cfg.intra_coef:
+            # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
+            pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
+            aux |= hi_moe_terms(cfg, pi_TE, self.intra_scale)
+        p1_TN, logits2_TNM = p1_TN.detach(), logits2_TNM.detach()
+        return Routing(ids_TK, weights_TK, aux, lambda: routing_entropy(p1_TN, logits2_TNM))
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """After an optimiser step: favour groups, and experts within each group, that got
+        less than their share of the step's assignments."""
+        rate, M = self.cfg.bias_update_rate, self.cfg.num_experts
+        sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate)
+        sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate,
+                    self.slot_mask_NM if self.ragged else None)
+        self.group_counts_N.zero_()
+        self.expert_counts_E.zero_()
+
+
+def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
+    """Mean entropy of the joint routing distribution p1[g] * p2[g, j] (nats)."""
+    joint_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
+    return float(losses.entropy(joint_TE).mean())
+
+
+def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N) -> torch.Tensor:
+    """Switch loss at both levels: N * sum_g f_g P_g over groups, plus for each group
+    M_g * sum_j f_{j|g} P_{j|g} over the tokens that reached it, weighted by its share
+    (M_g = sizes_N[g], its expert count)."""
+    N, M = p1_TN.shape[1], p2_TGM.shape[2]
+    level1 = losses.switch_loss(p1_TN, g_TG)
+    group_S = g_TG.reshape(-1)  # one row per (token, chosen group)
+    p2_SM = p2_TGM.reshape(-1, M)
+    n_N = torch.bincount(group_S, minlength=N).to(p2_SM.dtype)
+    prob_sum_NM = torch.zeros(N, M, dtype=p2_SM.dtype, device=p2_SM.device).index_add(
+        0, group_S, p2_SM)
+    picks_NM = torch.zeros(N * M, dtype=p2_SM.dtype, device=p2_SM.device).index_add(
+        0, (g_TG.unsqueeze(-1) * M + j_TGJ).reshape(-1),
+        torch.ones(j_TGJ.numel(), dtype=p2_SM.dtype, device=p2_SM.device)).view(N, M)
+    n_safe_N = n_N.clamp_min(1)
+    f_NM = picks_NM / (n_safe_N * j_TGJ.shape[-1]).unsqueeze(-1)
+    P_NM = prob_sum_NM / n_safe_N.unsqueeze(-1)
+    share_N = n_N / n_N.sum()
+    return level1 + (share_N * sizes_N * (f_NM * P_NM).sum(-1)).sum()
