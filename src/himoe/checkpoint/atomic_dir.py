@@ -62,7 +62,7 @@ def _pause() -> None:
         time.sleep(float(delay))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make the names in a directory durable; not every platform lets a directory be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -297,7 +297,7 @@ def _roll_forward(directory: Path, staged: dict) -> None:
             os.replace(src, dst)
             _pause()
     for parent in {(directory / rel).parent for rel in staged["files"]}:
-        _fsync_dir(parent)
+        fsync_dir(parent)
     try:
         previous = mf.read(directory / mf.MANIFEST_FILE)
     except ValueError:
@@ -310,7 +310,7 @@ def _roll_forward(directory: Path, staged: dict) -> None:
                 with contextlib.suppress(OSError):  # only if it is now empty
                     stale.parent.rmdir()
     os.replace(staging / mf.MANIFEST_FILE, directory / mf.MANIFEST_FILE)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -367,7 +367,7 @@ def _save_locked(directory: Path, files: dict[str, Writer], step: int) -> str | 
                     os.fsync(f.fileno())
                 _pause()
             for sub in {(staging / rel).parent for rel in files}:
-                _fsync_dir(sub)
+                fsync_dir(sub)
             text = mf.to_text(mf.describe(staging, list(files), step))
             tmp = staging / f".{mf.MANIFEST_FILE}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -375,7 +375,7 @@ def _save_locked(directory: Path, files: dict[str, Writer], step: int) -> str | 
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, staging / mf.MANIFEST_FILE)  # the commit point
-            _fsync_dir(staging)
+            fsync_dir(staging)
             committed = True
             _roll_forward(directory, mf.read(staging / mf.MANIFEST_FILE))
         except BaseException:

@@ -1,18 +1,29 @@
-"""The `himoe` command line: train | generate | verify | bench | eval | analyze | experts |
-chat | export-hf, one module each. Building the parser imports only the standard library and
-himoe's config, so `himoe --help` starts fast; a command imports torch when it runs. Bad input
-exits 2 with one line."""
+"""The `himoe` command line: prepare | train | generate | verify | bench | eval | analyze |
+experts | chat | export-hf, one module each. Building the parser imports only the standard
+library and himoe's config, so `himoe --help` starts fast; a command imports torch when it
+runs. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
 import errno
 import sys
 
-from himoe.cli import analyze, bench, chat, eval, experts, export_hf, generate, train, verify
+from himoe.cli import (
+    analyze,
+    bench,
+    chat,
+    eval,
+    experts,
+    export_hf,
+    generate,
+    prepare,
+    train,
+    verify,
+)
 from himoe.cli.options import Parser
 from himoe.errors import UserError
 
-COMMANDS = (train, generate, verify, bench, experts, analyze, eval, chat, export_hf)
+COMMANDS = (prepare, train, generate, verify, bench, experts, analyze, eval, chat, export_hf)
 
 
 def build_parser() -> Parser:

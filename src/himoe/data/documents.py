@@ -49,9 +49,10 @@ def default_corpus_path() -> Path:
     return Path(str(resources.files("himoe.data").joinpath("hamlet.txt")))
 
 
-def check_corpus_file(path: Path) -> int:
+def check_corpus_file(path: Path, limit: int | None = MAX_CORPUS_BYTES) -> int:
     """The size in bytes of corpus file `path`, refused unless it is a regular file within
-    MAX_CORPUS_BYTES: reading a FIFO blocks, /dev/zero never ends, a socket cannot be read."""
+    `limit` (None: `himoe prepare`, which streams): reading a FIFO blocks, /dev/zero never
+    ends, a socket cannot be read."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -66,7 +67,7 @@ def check_corpus_file(path: Path) -> int:
         kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "special file")
         raise UserError(f"corpus {path} is not a regular file (it is a {kind}); --data_file "
                         "needs a regular UTF-8 text file, a directory or a glob of them")
-    if st.st_size > MAX_CORPUS_BYTES:
+    if limit is not None and st.st_size > limit:
         raise too_large(str(path), st.st_size)
     return st.st_size
 
@@ -125,12 +126,7 @@ class Corpus:
         return digest.hexdigest()
 
     def val_indices(self) -> list[int]:
-        """Evenly spaced documents, the last one included: deterministic, by sorted order."""
-        n = len(self.texts)
-        if n == 1:
-            return []
-        n_val = max(1, round(n / VAL_EVERY))
-        return sorted({(j + 1) * n // n_val - 1 for j in range(n_val)})
+        return val_indices(len(self.texts))
 
     def tokenizer_texts(self) -> list[str]:
         """The text a new tokenizer is fitted to: the training side only, so validation
@@ -140,6 +136,15 @@ class Corpus:
             return [text[: len(text) - len(text) // 10]]
         val = set(self.val_indices())
         return [t for i, t in enumerate(self.texts) if i not in val]
+
+
+def val_indices(n: int) -> list[int]:
+    """The documents of n that validate: evenly spaced, the last one included; deterministic,
+    by sorted order (none of a one-document corpus, which splits by tokens)."""
+    if n == 1:
+        return []
+    n_val = max(1, round(n / VAL_EVERY))
+    return sorted({(j + 1) * n // n_val - 1 for j in range(n_val)})
 
 
 def _text_sha256(text: str) -> str:

@@ -22,9 +22,9 @@ from himoe.analysis.training_plots import training_plots
 from himoe.checkpoint import atomic_dir, safe_path
 from himoe.checkpoint import card as checkpoint
 from himoe.config import HiMoEConfig
-from himoe.data.batches import get_batch, split_documents
-from himoe.data.documents import encode_documents, load_documents
-from himoe.data.tokenizers import tokenizer_for, train_tokenizer
+from himoe.data.batches import get_batch
+from himoe.data.corpora import new_tokenizer, open_corpus, token_splits, unknown_chars
+from himoe.data.tokenizers import tokenizer_for
 from himoe.distributed.plan import Discard, Parallel
 from himoe.edit.specs import spec_files
 from himoe.errors import UserError
@@ -223,7 +223,7 @@ class Trainer:
         if cfg.log == "tensorboard":
             require_tensorboard()  # refused before any work when the package is missing
         keep_freed_memory()
-        corpus = load_documents(cfg.data_file)
+        corpus = open_corpus(cfg.data_file)  # documents, or a prepared directory
         self.corpus_sha256 = corpus.sha256()
         checkpoint.check_model_dir_writable(self.model_dir)
         # force: a new model may replace the one in model_dir (never a folder of other files).
@@ -265,7 +265,7 @@ class Trainer:
         if resume:
             saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
             self.tokenizer = tokenizer_for(saved_cfg, vocab, self.model_dir)
-            missing = sorted(set().union(*(self.tokenizer.unknown(t) for t in corpus.texts)))
+            missing = unknown_chars(corpus, self.tokenizer)
             if missing:
                 raise UserError(f"corpus {corpus.source} has characters the saved model does not "
                                 f"know: {''.join(missing)!r}; resume on the same corpus")
@@ -273,7 +273,7 @@ class Trainer:
             cfg.vocab_size = saved_cfg.vocab_size
             self.metrics_lines = checkpoint.read_metrics(self.model_dir, self.step)
         else:
-            self.tokenizer = train_tokenizer(cfg.tokenizer, corpus, cfg.bpe_vocab_size)
+            self.tokenizer = new_tokenizer(cfg, corpus)
             cfg.vocab_size = self.tokenizer.vocab_size
             self.step = 0
             seed_everything(cfg.seed)  # the initial weights depend on the seed alone
@@ -283,8 +283,7 @@ class Trainer:
         self.model.cfg = cfg  # training flags may differ from the saved run's
         total, active = self.model.parameter_counts()  # of the whole model, before sharding
         parallel.place(self.model, self.device)
-        self.train_data, self.val_data = split_documents(
-            corpus, encode_documents(corpus, self.tokenizer), cfg.block_size)
+        self.train_data, self.val_data = token_splits(corpus, self.tokenizer, cfg.block_size)
         # The compiled forward shares the model's parameters; evaluation and sampling use
         # the plain model, so switching to eval mode triggers no recompilation.
         if train_only is not None:

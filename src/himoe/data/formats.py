@@ -1,0 +1,185 @@
+"""The documents of a corpus, one at a time, whatever the files hold (`himoe prepare`).
+
+--data_file names files as for training (a file, a directory or a glob; see
+himoe.data.documents.resolve_paths). Each file is read by its name:
+
+- `.jsonl`, `.json`: JSON lines, one document per line, its text under --text_field;
+- `.parquet`: one document per row, its text in the --text_field column (needs pyarrow:
+  pip install 'himoe[parquet]');
+- anything else: a UTF-8 text file, one document;
+- a `.gz` suffix on any of them: the same, gzip-compressed.
+
+A bad record (not JSON, a missing field, a non-string, invalid UTF-8, a binary text file)
+stops the read with one line naming the file and the line or row, unless skip_bad: then it
+is left out and counted in BadRecords.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from himoe.data.documents import check_corpus_file, resolve_paths
+from himoe.errors import UserError
+
+JSON_LINES = (".jsonl", ".json")
+PARQUET = ".parquet"
+PARQUET_EXTRA = "pip install 'himoe[parquet]'"
+
+
+@dataclass
+class Document:
+    name: str  # the file, and the line or row within it where a file holds several
+    text: str
+
+
+@dataclass
+class BadRecords:
+    """What skip_bad left out: a count and the first few, for the summary line."""
+
+    skip: bool = False
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def report(self, where: str, problem: str, fix: str) -> None:
+        if not self.skip:
+            raise UserError(f"{where}: {problem}; {fix}, or pass --skip_bad_records to leave "
+                            "such records out")
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {problem}")
+
+
+def kind_of(path: Path) -> str:
+    """"jsonl", "parquet" or "text", by the name without a `.gz` suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in JSON_LINES:
+        return "jsonl"
+    return "parquet" if last == PARQUET else "text"
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None
+                   ) -> Iterator[Document]:
+    """Every document of --data_file SPEC, in a fixed order (files sorted by path)."""
+    bad = bad if bad is not None else BadRecords()
+    paths = resolve_paths(spec)
+    for path in paths:
+        check_corpus_file(path, limit=None)  # a FIFO or a device is refused before reading
+    for path in paths:
+        try:
+            kind = kind_of(path)
+            if kind == "jsonl":
+                yield from _json_lines(path, text_field, bad)
+            elif kind == "parquet":
+                yield from _parquet(path, text_field, bad)
+            else:
+                doc = _text_file(path, bad)
+                if doc is not None:
+                    yield doc
+        except (gzip.BadGzipFile, EOFError) as e:
+            raise UserError(f"{path} is not a complete gzip file ({e or 'truncated'}); "
+                            "compress it again or drop the .gz suffix") from None
+
+
+def _text_file(path: Path, bad: BadRecords) -> Document | None:
+    with _open(path) as f:
+        raw = f.read()
+    if b"\x00" in raw:
+        bad.report(str(path), "looks binary (it holds NUL bytes)", "pass UTF-8 text")
+        return None
+    try:
+        return Document(str(path), raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        bad.report(str(path), f"is not valid UTF-8 (byte {e.start})",
+                   f"convert it, for example with `iconv -t UTF-8 {path}`")
+        return None
+
+
+def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[Document]:
+    with _open(path) as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.report(where, f"is not valid UTF-8 (byte {e.start})", "convert the file")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.report(where, f"is not JSON ({e.msg})", "fix the line")
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                bad.report(where, f"has no field {text_field!r}",
+                           "name the field that holds the text with --text_field")
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                bad.report(where, f"field {text_field!r} is a {type(text).__name__}, not a "
+                           "string", "store the text as a JSON string")
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape, e.g. "\ud800"
+                bad.report(where, f"field {text_field!r} is not valid Unicode (a lone "
+                           "surrogate)", "fix the text")
+                continue
+            yield Document(where, text)
+
+
+def _parquet(path: Path, text_field: str, bad: BadRecords) -> Iterator[Document]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path} is Parquet, which needs pyarrow; {PARQUET_EXTRA}") from None
+    if path.suffix.lower() == ".gz":
+        with gzip.open(path, "rb") as f:
+            source = io.BytesIO(f.read())
+    else:
+        source = path
+    try:
+        table = pq.ParquetFile(source)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a Parquet file pyarrow can read ({e}); check it") \
+            from None
+    schema = table.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"{path} has no column {text_field!r} (it has "
+                        f"{', '.join(schema.names)}); name the text column with --text_field")
+    column_type = schema.field(text_field).type
+    textual = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+    binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+    row = 0
+    for batch in table.iter_batches(columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            where = f"{path} row {row}"
+            row += 1
+            if binary and value is not None:
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad.report(where, f"is not valid UTF-8 (byte {e.start})",
+                               "store UTF-8 text")
+                    continue
+            elif not textual:
+                bad.report(where, f"column {text_field!r} holds {column_type}, not strings",
+                           "name a string column with --text_field")
+                continue
+            if value is None:
+                bad.report(where, f"column {text_field!r} is null", "fill in the text")
+                continue
+            yield Document(where, value)
