@@ -44,13 +44,14 @@ def read_domain(name: str, path: Path) -> str:
 def domain_texts(args, cfg) -> list[tuple[str, str, str]]:
     """[(name, source, text)]: the --domain files, or the model's corpus split by speaker."""
     from himoe.analysis.domains import play_domains
-    from himoe.data.documents import load_documents
+    from himoe.data.corpora import open_corpus
 
     if args.domain:
         return [(name, str(path), read_domain(name, path))
                 for name, path in parse_domains(args.domain)]
-    corpus = load_documents(cfg.data_file)
-    text, path = "".join(corpus.texts), corpus.source
+    corpus = open_corpus(cfg.data_file)
+    text = "".join(corpus.texts) if hasattr(corpus, "texts") else corpus.text()
+    path = corpus.source
     parts = play_domains(text)
     if len(parts) < 2:
         raise UserError(f"the corpus {path} has no speeches in the play layout (a paragraph "

@@ -29,7 +29,7 @@ def format_report(report: dict) -> str:
 
 def cmd_eval(args) -> int:
     from himoe.checkpoint.card import atomic_write_text, load_model
-    from himoe.data.documents import load_documents
+    from himoe.data.corpora import open_corpus
     from himoe.data.tokenizers import tokenizer_for
     from himoe.eval.perplexity import evaluate_text
     from himoe.training.trainer import resolve_device
@@ -40,7 +40,10 @@ def cmd_eval(args) -> int:
         raise UserError(f"--json {args.json} is a directory; pass a file path")
     if args.lm_eval_task and Path(args.lm_eval_task).is_file():
         raise UserError(f"--lm_eval_task {args.lm_eval_task} is a file; pass a directory")
-    corpus = load_documents(args.data_file)  # refuse bad text before loading the model
+    corpus = open_corpus(args.data_file)  # refuse bad text before loading the model
+    if args.lm_eval_task and not hasattr(corpus, "texts"):
+        raise UserError(f"--lm_eval_task writes the documents' text; --data_file "
+                        f"{args.data_file} is a prepared directory, pass its text files")
     model_dir = Path(args.model_dir)
     model, cfg, vocab, step = load_model(model_dir)
     cfg.device = args.device
@@ -75,7 +78,8 @@ def add_parser(sub) -> None:
                                     "a text file, directory or glob")
     add_model_dir(p)
     p.add_argument("--data_file", "--data-file", required=True,
-                   help="text to evaluate: a UTF-8 file, a directory or a glob")
+                   help="text to evaluate: a UTF-8 file, a directory or a glob, or a "
+                        "directory `himoe prepare` wrote with the model's tokenizer")
     p.add_argument("--batch_size", "--batch-size", type=int, default=16,
                    help="windows per forward pass")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report here")

@@ -39,8 +39,9 @@ HELP = {
     "eval_interval": "evaluate and save every this many steps",
     "eval_iters": "validation batches per evaluation", "seed": "random seed",
     "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
-    "data_file": "training corpus: a UTF-8 text file, a directory or a glob of them (default: "
-                 "the shipped hamlet.txt)",
+    "data_file": "training corpus: a UTF-8 text file, a directory or a glob of them, or a "
+                 "directory `himoe prepare` wrote (its tokenizer is used) (default: the "
+                 "shipped hamlet.txt)",
     "tokenizer": "char (one token per character, the card's) or bpe (byte-level BPE trained "
                  "on the corpus, saved as tokenizer.json)",
     "bpe_vocab_size": "--tokenizer bpe: target vocabulary size (the model gets the size the "

@@ -184,6 +184,14 @@ class PreparedCorpus:
         check_split_sizes(self.source, len(train), len(val), block_size)
         return train, val
 
+    def all_tokens(self) -> torch.Tensor:
+        """Every document's ids in one tensor, in memory (evaluation reads them all)."""
+        return TokenView(self.shards, [(0, int(self.offsets[-1]))]).tensor()
+
+    def text(self) -> str:
+        """The corpus decoded back (for an analysis that reads text, not ids)."""
+        return self.tokenizer().decode(self.all_tokens().tolist())
+
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a model whose tokenizer is not the one the corpus was prepared with."""
         mine = self.tokenizer()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from himoe.analysis.balance import load_figures
 from himoe.data.documents import encode_documents
+from himoe.data.shards import PreparedCorpus
 from himoe.errors import UserError
 from himoe.training.trainer import autocast
 
@@ -33,8 +34,16 @@ def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
 
 def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> dict:
     cfg = model.cfg
-    kept = [tokenizer.drop_unknown(t)[0] for t in corpus.texts]
-    ids = torch.cat(encode_documents(corpus, tokenizer, drop_unknown=True))
+    if isinstance(corpus, PreparedCorpus):  # tokenised already, by the model's tokenizer
+        corpus.check_tokenizer(tokenizer)
+        ids, kept_bytes, n_docs = corpus.all_tokens(), corpus.manifest["bytes"], \
+            corpus.manifest["documents"]
+        skipped_chars = 0
+    else:
+        kept = [tokenizer.drop_unknown(t)[0] for t in corpus.texts]
+        ids = torch.cat(encode_documents(corpus, tokenizer, drop_unknown=True))
+        kept_bytes, n_docs = sum(len(t.encode("utf-8")) for t in kept), len(corpus.texts)
+        skipped_chars = sum(len(t) for t in corpus.texts) - sum(len(t) for t in kept)
     if len(ids) < 2:
         raise UserError(f"--data_file {corpus.source} has fewer than 2 tokens the model knows; "
                         "pass a longer text")
@@ -66,12 +75,11 @@ def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> d
             bar.update(len(starts))
     model.train(was_training)
     # The first token is context only: its bytes are not predicted.
-    n_bytes = sum(len(t.encode("utf-8")) for t in kept) - \
-        len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
+    n_bytes = kept_bytes - len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
     loss = total_nats / predicted
-    return {"data_file": corpus.source, "documents": len(corpus.texts), "tokens": len(ids),
+    return {"data_file": corpus.source, "documents": n_docs, "tokens": len(ids),
             "predicted_tokens": predicted, "bytes": n_bytes, "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": total_nats / math.log(2) / max(1, n_bytes),
-            "skipped_chars": sum(len(t) for t in corpus.texts) - sum(len(t) for t in kept),
+            "skipped_chars": skipped_chars,
             "layers": [load_figures(counts[i], cfg.num_moes) for i in sorted(counts)]}
