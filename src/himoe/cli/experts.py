@@ -18,7 +18,7 @@ from himoe.model.routers.registry import BALANCE_BIAS, router_spec
 
 def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
     """(model, cfg, vocab, step, val_ids, corpus path, device, dtype): a saved model and the
-    validation split it was trained on, as trainer.evaluate wants them."""
+    validation split it was trained on, as training.evaluation.evaluate wants them."""
     from himoe.checkpoint.card import load_model
     from himoe.data.tokenizers import tokenizer_for
     from himoe.data.validation import validation_split
