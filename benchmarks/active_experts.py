@@ -52,7 +52,7 @@ def in_bench(steps: int = 17) -> list[list[int]]:
     data, tok = bench.hamlet()
     settings = bench.Settings(repeats=5, steps=3, warmup=2, threads=1, smoke=False)
     cfg = bench.card_config(tok.vocab_size, settings)
-    side = bench.TrainSide(bench.build(cfg))
+    side = bench.TrainSide(bench.build(cfg), cfg)
     counts = []
     for x_BT, y_BT in bench.sample_batches(data, cfg, steps, seed=0):
         side.step(x_BT, y_BT)

@@ -1,12 +1,19 @@
-"""HiMoEConfig: the card's hyperparameters plus the few this package adds.
+"""The settings of a model and of a `himoe train` run, split by what they are.
 
-One dataclass holds both model shape and training settings, as the card's table does. The
-defaults are the card's, but for its routing: the card's literal routing (no balancing, one
-full-width routed expert) collapses onto one expert, so the default adds a shared expert
-with half the active width and the two-level Switch loss (docs/routing_study.md);
-`--preset himoe-card` restores the card's routing exactly.
-`MODEL_FIELDS` names the ones that fix the shape of the weights: those come from a saved
-model's config.json on resume and may not be changed by flags.
+ModelConfig: what builds the model and its forward pass (shape, routing, the routing losses
+the forward computes, dropout) and the tokenizer its vocabulary came from. HiMoEModel,
+the routers and the MoE layer receive only this.
+TrainConfig: what the trainer reads (batch, schedule, AdamW, clipping, evaluation, seed).
+RunConfig: where and how this process runs (device, paths, logging, the final sample).
+HiMoEConfig: all three, flat, as the card's table lists them: what the CLI fills and what
+config.json records (so existing tools keep reading the same keys), with .model, .train
+and .run views.
+
+Help text lives beside each field (metadata "help"); `himoe train` builds its flags from
+it. The defaults are the card's, but for its routing: the card's literal routing (no
+balancing, one full-width routed expert) collapses onto one expert, so the default adds a
+shared expert with half the active width and the two-level Switch loss
+(docs/routing_study.md); `--preset himoe-card` restores the card's routing exactly.
 """
 
 from __future__ import annotations
@@ -30,67 +37,74 @@ TOKENIZERS = ("char", "bpe")
 LOGGERS = ("none", "tensorboard")
 
 
+def setting(default, help: str, **meta):
+    """A config field with its flag's help text. meta: choices (allowed values), shape
+    (fixes the weights' shapes: taken from config.json on resume, no flag may change it),
+    flag (the flag's name where it differs from the field's), no_flag (set by himoe)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+class _Section:
+    @classmethod
+    def of(cls, source):
+        """This section's fields copied out of `source` (a HiMoEConfig, or a section)."""
+        return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls)})
+
+
 @dataclass
-class HiMoEConfig:
+class ModelConfig(_Section):
     # --- model shape (the card's table) ---
-    n_embd: int = 256
-    n_layer: int = 2
-    n_head: int = 4
-    block_size: int = 128
-    num_moes: int = 6  # level-1 choices: MoE blocks ("groups")
-    num_experts: int = 8  # level-2 choices inside each MoE block
-    dropout: float = 0.1
+    n_embd: int = setting(256, "embedding / hidden dimension", shape=True)
+    n_layer: int = setting(2, "number of Transformer layers", shape=True)
+    n_head: int = setting(4, "attention heads", shape=True)
+    block_size: int = setting(128, "context window (tokens)", shape=True)
+    num_moes: int = setting(6, "level-1 choices (MoE blocks, \"groups\")", shape=True)
+    num_experts: int = setting(8, "level-2 choices per MoE block", shape=True)
+    dropout: float = setting(0.1, "dropout rate")
     # --- model shape (ours) ---
-    top_k_groups: int = 1
-    top_k_experts: int = 1
-    ffn_mult: int = 4  # expert hidden width = ffn_mult * n_embd
-    router: str = "hierarchical"  # a himoe.model.routers.registry name; "dense": one plain FFN
-    capacity_factor: float = 0.0  # 0: dropless; else each expert takes <= cf * T * k / E
-    # --- routing losses and the grouped router (all but Switch off by default) ---
-    switch_coef: float = 0.01  # Switch load balancing (per level for the hierarchical router)
-    z_coef: float = 0.0  # router z-loss
-    inter_coef: float = 0.0  # Hi-MoE R_inter, lambda2 (paper: 0.05)
-    intra_coef: float = 0.0  # Hi-MoE R_intra, lambda1 (paper: 0.1)
-    reg_form: str = "l2"  # "l2" or "entropy" form of R_inter and R_intra
-    intra_conditional: bool = False  # R_intra on within-group probabilities
-    intra_warmup: int = 0  # steps over which R_intra ramps in from 0 (stage 2 of the paper)
-    bias_tau: float = 0.01  # grouped router: logit correction tau * EMA(logits)
-    ema_beta: float = 0.9
-    router_temp: float = 1.0
-    renormalize: bool = False  # topk / group_limited: kept weights sum to 1 (MiniMoE)
-    bias_update_rate: float = 0.0  # loss-free balancing step u (DeepSeek-V3: 1e-3); 0 = off
-    # The share of the active FFN width (ffn_mult * n_embd) given to a shared expert, a dense
-    # FFN that every token runs beside its routed one; the routed experts get the rest.
-    shared_fraction: float = 0.5
-    expert_hidden: int = 0  # routed expert width; 0: what the shared expert leaves
+    top_k_groups: int = setting(1, "MoE blocks chosen per token (level 1)", shape=True)
+    top_k_experts: int = setting(1, "experts chosen per chosen block (level 2)", shape=True)
+    ffn_mult: int = setting(4, "expert hidden width as a multiple of n_embd", shape=True)
+    router: str = setting("hierarchical", "a himoe.model.routers.registry name; dense: one "
+                          "plain FFN", shape=True)
+    capacity_factor: float = setting(0.0, "0 = dropless; else an expert keeps its cf*T*k/E "
+                                     "highest-weight tokens")
+    # --- routing losses and the grouped router (all but Switch off by default). They are
+    # here, not in TrainConfig, because the forward pass computes the losses. ---
+    switch_coef: float = setting(0.01, "Switch load-balancing loss coefficient (per level "
+                                 "for the hierarchical router)")
+    z_coef: float = setting(0.0, "router z-loss coefficient")
+    inter_coef: float = setting(0.0, "Hi-MoE inter-group balancing R_inter (lambda2; paper: "
+                                "0.05)")
+    intra_coef: float = setting(0.0, "Hi-MoE intra-group specialisation R_intra (lambda1; "
+                                "paper: 0.1)")
+    reg_form: str = setting("l2", "l2 or entropy form of the Hi-MoE terms", choices=REG_FORMS)
+    intra_conditional: bool = setting(False, "true: R_intra on within-group probabilities")
+    bias_tau: float = setting(0.01, "grouped router: tau of the logit-EMA correction")
+    ema_beta: float = setting(0.9, "grouped router: EMA decay")
+    router_temp: float = setting(1.0, "grouped router: softmax temperature")
+    renormalize: bool = setting(False, "topk / group_limited: renormalise the kept weights "
+                                "to sum to 1 (MiniMoE)")
+    bias_update_rate: float = setting(0.0, "loss-free balancing: selection-bias step per "
+                                      "optimiser step (DeepSeek-V3: 1e-3; 0 = off)")
+    shared_fraction: float = setting(0.5, "share of the active FFN width (ffn_mult * n_embd) "
+                                     "given to a shared expert that every token runs beside "
+                                     "its routed one (0: none)", shape=True)
+    expert_hidden: int = setting(0, "routed expert width (0: ffn_mult * n_embd less the "
+                                 "shared expert's)", shape=True)
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
-    group_experts: list[list[int]] | None = None
-    preset: str = ""  # the --preset this configuration started from, if any
-    vocab_size: int = 0  # set from the tokenizer: the rows of the embedding
-    tokenizer: str = "char"  # "char" (the card's) or "bpe" (byte-level, saved as tokenizer.json)
-    bpe_vocab_size: int = 2048  # BPE target size (flag --vocab_size); vocab_size is the result
-    # --- training (the card's table) ---
-    batch_size: int = 32
-    max_iters: int = 3000
-    lr: float = 3e-4
-    # --- training (the card's "Training Details") ---
-    warmup_iters: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_interval: int = 500
-    eval_iters: int = 20
-    # --- run ---
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
-    data_file: str | None = None
-    model_dir: str = "model"
-    sample_tokens: int = 400
-    compile: bool = False  # torch.compile the training forward (attention, norms, residuals)
-    log: str = "none"  # "tensorboard": scalars to log_dir (default MODEL_DIR/tb)
-    log_dir: str | None = None
+    group_experts: list[list[int]] | None = setting(None, "", shape=True, no_flag=True)
+    preset: str = setting("", "routing and losses of a source design (README: Presets); "
+                          "flags override it")
+    # The tokenizer belongs to the model: its vocabulary is the embedding's rows.
+    vocab_size: int = setting(0, "", shape=True, no_flag=True)  # what the tokenizer has
+    tokenizer: str = setting("char", "char (one token per character, the card's) or bpe "
+                             "(byte-level BPE trained on the corpus, saved as tokenizer.json)",
+                             shape=True, choices=TOKENIZERS)
+    bpe_vocab_size: int = setting(2048, "--tokenizer bpe: target vocabulary size (the model "
+                                  "gets the size the trained tokenizer has)", shape=True,
+                                  flag="vocab_size")
 
     @property
     def shared_hidden(self) -> int:
@@ -137,6 +151,64 @@ class HiMoEConfig:
             if self.shared_hidden:
                 ffn += 2 * D * self.shared_hidden + self.shared_hidden + D
         return (self.vocab_size + self.block_size) * D + 2 * D + self.n_layer * (attention + ffn)
+
+
+
+@dataclass
+class TrainConfig(_Section):
+    # --- the card's table ---
+    batch_size: int = setting(32, "training batch size")
+    max_iters: int = setting(3000, "training steps")
+    lr: float = setting(3e-4, "peak learning rate")
+    # --- the card's "Training Details" ---
+    warmup_iters: int = setting(100, "linear warm-up steps")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = setting(0.1, "AdamW weight decay on matrices")
+    grad_clip: float = setting(1.0, "gradient-norm clip")
+    eval_interval: int = setting(500, "evaluate and save every this many steps")
+    eval_iters: int = setting(20, "validation batches per evaluation")
+    # The trainer sets the model's R_intra scale from this (stage 2 of the paper); the
+    # model itself never reads it.
+    intra_warmup: int = setting(0, "steps over which R_intra ramps in from 0")
+    # The initial weights, the batch order and dropout: kept on resume like the rest.
+    seed: int = setting(1337, "random seed")
+
+
+@dataclass
+class RunConfig(_Section):
+    device: str = setting("auto", "auto, cpu or cuda", choices=DEVICES)
+    dtype: str = setting("auto", "compute dtype (auto: bfloat16 on CUDA, else float32)",
+                         choices=DTYPES)
+    data_file: str | None = setting(None, "training corpus: a UTF-8 text file, a directory "
+                                    "or a glob of them, or a directory `himoe prepare` wrote "
+                                    "(its tokenizer is used) (default: the shipped hamlet.txt)")
+    model_dir: str = setting("model", "where the modular checkpoint goes")
+    sample_tokens: int = setting(400, "length of sample.txt")
+    compile: bool = setting(False, "true: torch.compile the training forward (attention, "
+                            "norms, residuals; slow start, faster steps)")
+    log: str = setting("none", "tensorboard: write TensorBoard scalars to log_dir (needs "
+                       "pip install 'himoe[tensorboard]')", choices=LOGGERS)
+    log_dir: str | None = setting(None, "TensorBoard directory (default: MODEL_DIR/tb)")
+
+
+@dataclass
+class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
+    """Every setting of a run, flat: the model's, then training's, then the run's (the
+    order of config.json). The run settings are recorded in config.json too, as today:
+    `himoe experts` and `himoe analyze` default to the recorded data_file, and --resume
+    keeps every setting no flag changes."""
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig.of(self)
+
+    @property
+    def train(self) -> TrainConfig:
+        return TrainConfig.of(self)
+
+    @property
+    def run(self) -> RunConfig:
+        return RunConfig.of(self)
 
     def validate(self, origin: str | Path | None = None) -> HiMoEConfig:
         """Every value against its declared type and its range. origin: the config.json the
@@ -190,12 +262,14 @@ UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "e
     # Above the expert count a capacity factor already keeps every token; an EMA decay > 1
     # grows instead of averaging.
     "capacity_factor": 10**6, "ema_beta": 1}
-FLAG_NAMES = {"bpe_vocab_size": "vocab_size"}  # the flag a field is set with, where it differs
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
          "router_temp", "bias_update_rate")
-CHOICES = {"device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
-           "tokenizer": TOKENIZERS, "log": LOGGERS}
+_FIELDS = dataclasses.fields(HiMoEConfig)
+FLAG_NAMES = {f.name: f.metadata["flag"] for f in _FIELDS if "flag" in f.metadata}
+CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS if "choices" in f.metadata}
+# Fixed by the saved weights: taken from config.json on resume, never from a flag.
+SHAPE_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("shape"))
 
 
 def _type_problem(value, hint) -> str | None:
@@ -309,11 +383,3 @@ def machine_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
-
-
-MODEL_FIELDS = ("n_embd", "n_layer", "n_head", "block_size", "num_moes", "num_experts",
-                "top_k_groups", "top_k_experts", "ffn_mult", "expert_hidden", "shared_fraction",
-                "router", "vocab_size", "group_experts", "tokenizer", "bpe_vocab_size")
-
-# Flags whose value only affects this process, never the saved model.
-RUN_ONLY_FIELDS = ("device", "dtype", "model_dir", "data_file", "compile", "log", "log_dir")

@@ -7,7 +7,7 @@ from himoe.model import HiMoEModel
 from himoe.model.experts import ExpertBank
 from himoe.model.grad_sink import grad_parts, zero_grads
 from himoe.training.optim import build_optimizer, grad_norm
-from himoe.training.trainer import train_step, write_expert_grads_in_place
+from himoe.training.step import train_step, write_expert_grads_in_place
 from tests.conftest import tiny_config
 
 E, D, T = 6, 16, 24
@@ -102,7 +102,8 @@ def test_training_with_sinks_equals_training_without():
         for _ in range(6):
             x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen)
             y = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size), generator=gen)
-            losses.append(train_step(model, optimizer, params, x, y).item())
+            loss = train_step(model, optimizer, params, x, y, grad_clip=cfg.grad_clip)
+            losses.append(loss.item())
         runs.append((losses, model.state_dict()))
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
     for key, value in runs[0][1].items():

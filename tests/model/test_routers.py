@@ -205,7 +205,7 @@ def test_every_preset_trains_a_step_with_the_cards_active_parameters(name):
 
 
 def test_the_two_stage_schedule_is_stated():
-    from himoe.training.trainer import routing_schedule
+    from himoe.training.outputs import routing_schedule
 
     cfg = dataclasses.replace(HiMoEConfig(), **preset_values("hi-moe", {}))
     text = routing_schedule(cfg)

@@ -6,7 +6,8 @@ import json
 import torch
 
 from himoe.analysis.balance import collapse_warning, load_figures
-from himoe.training.trainer import Trainer, flag_collapse
+from himoe.training.evaluation import flag_collapse
+from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
 

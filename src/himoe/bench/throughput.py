@@ -37,8 +37,9 @@ from himoe.data.documents import load_corpus
 from himoe.data.tokenizers import CharTokenizer
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
+from himoe.training.device import autocast
 from himoe.training.optim import build_optimizer, set_scheduled_lr
-from himoe.training.trainer import autocast, train_step, write_expert_grads_in_place
+from himoe.training.step import train_step, write_expert_grads_in_place
 
 SECTIONS = ("train", "card", "grouped", "generate", "memory", "layer", "gpu")
 SECTION_ALIASES = {"a": "card", "b": "grouped", "c": "generate", "d": "memory"}
@@ -133,13 +134,14 @@ def sample_batches(data: torch.Tensor, cfg: HiMoEConfig, n: int, seed: int):
 class TrainSide:
     """A model and its training optimiser; times whole training steps."""
 
-    def __init__(self, model: HiMoEModel, device: str = "cpu"):
+    def __init__(self, model: HiMoEModel, cfg: HiMoEConfig, device: str = "cpu"):
+        # cfg: what the model was built from; the training settings come from it.
         self.model = model.to(device).train()
-        self.cfg = model.cfg
+        self.cfg = cfg
         self.device = torch.device(device)
         # As `himoe train` does: bf16 autocast on CUDA, fp32 on the CPU.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.optimizer = build_optimizer(model, model.cfg)
+        self.optimizer = build_optimizer(model, cfg)
         self.params = list(model.parameters())
         write_expert_grads_in_place(model)  # as `himoe train` does in one process
         self.steps_done = 0
@@ -154,7 +156,7 @@ class TrainSide:
         self.steps_done += 1
         with autocast(self.device, self.dtype):
             return train_step(self.model, self.optimizer, self.params, x_BT.to(self.device),
-                              y_BT.to(self.device)).item()
+                              y_BT.to(self.device), grad_clip=self.cfg.grad_clip).item()
 
     def tokens_per_s(self, batches) -> float:
         t0 = time.perf_counter()
@@ -174,10 +176,10 @@ def alternate(side_a: Callable[[int], float], side_b: Callable[[int], float],
     return rates_a, rates_b
 
 
-def compare_training(variant: HiMoEModel, dense: HiMoEModel, data: torch.Tensor,
+def compare_training(variant: HiMoEConfig, dense: HiMoEConfig, data: torch.Tensor,
                      settings: Settings, device: str = "cpu") -> tuple[list[float], list[float]]:
     """Tokens/s of each side per repeat, after `warmup` untimed steps each."""
-    a, b = TrainSide(variant, device), TrainSide(dense, device)
+    a, b = (TrainSide(build(variant), variant, device), TrainSide(build(dense), dense, device))
     warm = sample_batches(data, a.cfg, settings.warmup, seed=0)
     for side in (a, b):
         side.tokens_per_s(warm)
@@ -197,8 +199,8 @@ def training_row(name: str, target_key: str, rates_v: list[float],
 
 
 def bench_card(data, vocab_size, settings: Settings) -> Row:
-    card = build(card_config(vocab_size, settings))
-    dense = build(card_config(vocab_size, settings, router="dense"))
+    card = card_config(vocab_size, settings)
+    dense = card_config(vocab_size, settings, router="dense")
     rates_v, rates_d = compare_training(card, dense, data, settings)
     return training_row("card training in one process: hierarchical 6x8, top-1 vs "
                         "dense-equivalent", "card",
@@ -207,8 +209,8 @@ def bench_card(data, vocab_size, settings: Settings) -> Row:
 
 def bench_grouped(data, vocab_size, settings: Settings) -> Row:
     name = "grouped 6 x top-1 + Hi-MoE terms vs dense-equivalent"
-    grouped = build(card_config(vocab_size, settings, **GROUPED))
-    dense = build(card_config(vocab_size, settings, router="dense"))
+    grouped = card_config(vocab_size, settings, **GROUPED)
+    dense = card_config(vocab_size, settings, router="dense")
     rates_v, rates_d = compare_training(grouped, dense, data, settings)
     return training_row(name, "grouped", rates_v, rates_d)
 
@@ -218,8 +220,8 @@ def bench_gpu(data, vocab_size, settings: Settings) -> Row:
     name = "card training on a GPU (bf16) vs dense-equivalent"
     if not torch.cuda.is_available():
         return Row(name, "not run: no CUDA device on this machine")
-    card = build(card_config(vocab_size, settings, device="cuda"))
-    dense = build(card_config(vocab_size, settings, device="cuda", router="dense"))
+    card = card_config(vocab_size, settings, device="cuda")
+    dense = card_config(vocab_size, settings, device="cuda", router="dense")
     rates_v, rates_d = compare_training(card, dense, data, settings, device="cuda")
     ratios = [v / d for v, d in zip(rates_v, rates_d)]
     return Row(f"{name} ({torch.cuda.get_device_name()})", rate_cell(rates_v, "tok/s"),
@@ -347,7 +349,8 @@ def bench_generate(tok: CharTokenizer, settings: Settings) -> Row:
 def memory_child(settings: Settings) -> None:
     """Card training steps, then print peak RSS in MB as one JSON line."""
     data, tok = hamlet()
-    side = TrainSide(build(card_config(tok.vocab_size, settings)))
+    cfg = card_config(tok.vocab_size, settings)
+    side = TrainSide(build(cfg), cfg)
     built_mb = peak_rss_mb()
     side.tokens_per_s(sample_batches(data, side.cfg, settings.warmup + settings.steps, seed=0))
     print(json.dumps({"built_mb": built_mb, "peak_mb": peak_rss_mb()}))

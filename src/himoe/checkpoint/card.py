@@ -25,6 +25,7 @@ that a crash interrupted, so a reader always sees one complete save.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -38,7 +39,7 @@ import torch
 
 from himoe.checkpoint import atomic_dir, card_layout, safe_path
 from himoe.checkpoint import manifest as mf
-from himoe.config import HiMoEConfig
+from himoe.config import HiMoEConfig, ModelConfig
 from himoe.data.tokenizers import TOKENIZER_FILE, tokenizer_for
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
@@ -226,13 +227,17 @@ def copy_writer(model_dir: Path, rel: str):
 
 
 def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
-               extra: dict[str, object] | None = None, keep: tuple[str, ...] = ()) -> None:
+               extra: dict[str, object] | None = None, keep: tuple[str, ...] = (),
+               config: HiMoEConfig | None = None) -> None:
     """One atomic save of the weight files, `extra` ({name: object}: str or bytes are written
     as they are, anything else with torch.save; e.g. train_state.pt) and config.json: either
     all of them replace the previous save or none does. manifest.json records the set.
     keep: weight files copied byte for byte from model_dir instead of written from `model`
-    (those --train_only leaves untouched; a quantised expert stays int8)."""
+    (those --train_only leaves untouched; a quantised expert stays int8). config: what
+    config.json records, the training and run settings included (default: the model's
+    own settings, the rest at their defaults)."""
     model_dir = Path(model_dir)
+    config = config if config is not None else HiMoEConfig(**dataclasses.asdict(model.cfg))
     writers = {name: _torch_writer(sd) for name, sd in to_files(model).items()}
     writers.update({name: copy_writer(model_dir, name) for name in keep})
     for name, obj in (extra or {}).items():
@@ -241,7 +246,7 @@ def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
         writers[name] = _bytes_writer(obj) if isinstance(obj, bytes) else _torch_writer(obj)
     if model.cfg.tokenizer != "char" and TOKENIZER_FILE not in writers:
         writers[TOKENIZER_FILE] = copy_writer(model_dir, TOKENIZER_FILE)  # swap, quantize
-    writers[CONFIG_FILE] = _bytes_writer(config_bytes(model.cfg, vocab, step))
+    writers[CONFIG_FILE] = _bytes_writer(config_bytes(config, vocab, step))
     try:
         note = atomic_dir.save(model_dir, writers, step)
     except OSError as e:
@@ -331,15 +336,18 @@ def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
     return cfg, vocab, step
 
 
-def load_model(model_dir: Path, device: str | torch.device = "cpu"):
+def load_model(model_dir: Path, device: str | torch.device = "cpu",
+               config: ModelConfig | None = None):
     """(model, cfg, vocab, step) from a modular checkpoint; nothing is unpickled. The lock
-    keeps a concurrent save from replacing files half-way through the read."""
+    keeps a concurrent save from replacing files half-way through the read. config: the
+    settings to build the model with instead of the saved ones (a resumed run's flags),
+    with the saved shape (the weight files must fit it)."""
     model_dir = Path(model_dir)
     check_is_model_dir(model_dir)
     with atomic_dir.locked(model_dir):
         recover_locked(model_dir)
         cfg, vocab, step = read_config_unlocked(model_dir)
-        model = HiMoEModel(cfg)
+        model = HiMoEModel(config if config is not None else cfg)
         try:
             from_files(model, model_dir)
         except (RuntimeError, TypeError, ValueError) as e:  # files that do not fit together

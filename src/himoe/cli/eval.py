@@ -3,6 +3,7 @@ directory or glob (the figures: himoe.eval.perplexity)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def cmd_eval(args) -> int:
     from himoe.data.corpora import open_corpus
     from himoe.data.tokenizers import tokenizer_for
     from himoe.eval.perplexity import evaluate_text
-    from himoe.training.trainer import resolve_device
+    from himoe.training.device import resolve_device
 
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -46,8 +47,8 @@ def cmd_eval(args) -> int:
                         f"{args.data_file} is a prepared directory, pass its text files")
     model_dir = Path(args.model_dir)
     model, cfg, vocab, step = load_model(model_dir)
-    cfg.device = args.device
-    device, dtype = resolve_device(cfg)
+    # The saved run's dtype on the device asked for now.
+    device, dtype = resolve_device(dataclasses.replace(cfg.run, device=args.device))
     tokenizer = tokenizer_for(cfg, vocab, model_dir)
     report = {"model_dir": str(model_dir), "step": step, "tokenizer": cfg.tokenizer} | \
         evaluate_text(model.to(device), tokenizer, corpus, args.batch_size, device, dtype)

@@ -6,6 +6,7 @@ at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -17,15 +18,15 @@ from himoe.model.routers.registry import BALANCE_BIAS, router_spec
 
 def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
     """(model, cfg, vocab, step, val_ids, corpus path, device, dtype): a saved model and the
-    validation split it was trained on, as trainer.evaluate wants them."""
+    validation split it was trained on, as training.evaluation.evaluate wants them."""
     from himoe.checkpoint.card import load_model
     from himoe.data.tokenizers import tokenizer_for
     from himoe.data.validation import validation_split
-    from himoe.training.trainer import resolve_device
+    from himoe.training.device import resolve_device
 
     model, cfg, vocab, step = load_model(Path(model_dir))
-    cfg.device = device_flag
-    device, dtype = resolve_device(cfg)
+    # The saved run's dtype on the device asked for now.
+    device, dtype = resolve_device(dataclasses.replace(cfg.run, device=device_flag))
     val, path, dropped = validation_split(cfg, tokenizer_for(cfg, vocab, model_dir), data_file)
     if dropped:
         print(f"himoe: note: skipped {dropped} characters of {path} that are outside the "
@@ -70,7 +71,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
 
 def cmd_list(args) -> int:
     from himoe.cli.table import format_table
-    from himoe.training.trainer import evaluate
+    from himoe.training.evaluation import evaluate
 
     model_dir = Path(args.model_dir)
     model, cfg, _, step, val, path, device, dtype = load_for_eval(model_dir, args.device,
@@ -121,7 +122,7 @@ def _quantize(args) -> int:
     from himoe.checkpoint.quantize import is_quantized, quantize_expert
     from himoe.edit.specs import describe_file, spec_files, weight_files
     from himoe.edit.surgery import current_manifest, rewrite, torch_writer
-    from himoe.training.trainer import evaluate
+    from himoe.training.evaluation import evaluate
 
     model_dir = Path(args.model_dir)
     model, cfg, _, _, val, path, device, dtype = load_for_eval(model_dir, args.device,
@@ -151,7 +152,6 @@ def _quantize(args) -> int:
     bytes_after = sum((model_dir / rel).stat().st_size for rel in new)
     # Evaluated from the files, through the loader's dequantisation: what every command sees.
     model, cfg, _, _ = load_model(model_dir, device)
-    cfg.device = args.device
     after = evaluate(model, val, cfg, device, dtype)["val_loss"]
     saved = bytes_before - bytes_after
     skipped = f" ({already} were already int8)" if already else ""

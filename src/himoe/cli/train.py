@@ -7,64 +7,13 @@ import dataclasses
 from pathlib import Path
 
 from himoe.cli.presets import PRESETS, preset_values
-from himoe.config import (
-    DEVICES,
-    DTYPES,
-    LOGGERS,
-    MODEL_FIELDS,
-    REG_FORMS,
-    TOKENIZERS,
-    HiMoEConfig,
-)
+from himoe.config import SHAPE_FIELDS, HiMoEConfig
 from himoe.errors import UserError
 from himoe.model.routers.registry import router_help, router_names
 
-CHOICES = {"device": DEVICES, "dtype": DTYPES, "reg_form": REG_FORMS,
-           "preset": tuple(PRESETS), "tokenizer": TOKENIZERS, "log": LOGGERS}
-# The BPE target size takes the natural flag; the config's vocab_size is what the trained
-# tokenizer has (the embedding's rows) and is never a flag.
-ALIASES = {"bpe_vocab_size": ["--vocab_size", "--vocab-size"]}
-HELP = {
-    "n_embd": "embedding / hidden dimension", "n_layer": "number of Transformer layers",
-    "n_head": "attention heads", "block_size": "context window (tokens)",
-    "num_moes": "level-1 choices (MoE blocks)", "num_experts": "level-2 choices per MoE block",
-    "dropout": "dropout rate", "top_k_groups": "MoE blocks chosen per token (level 1)",
-    "top_k_experts": "experts chosen per chosen block (level 2)",
-    "ffn_mult": "expert hidden width as a multiple of n_embd",
-    "capacity_factor": "0 = dropless; else an expert keeps its cf*T*k/E highest-weight tokens",
-    "batch_size": "training batch size", "max_iters": "training steps",
-    "lr": "peak learning rate", "warmup_iters": "linear warm-up steps",
-    "min_lr_ratio": "final learning rate as a fraction of the peak",
-    "weight_decay": "AdamW weight decay on matrices", "grad_clip": "gradient-norm clip",
-    "eval_interval": "evaluate and save every this many steps",
-    "eval_iters": "validation batches per evaluation", "seed": "random seed",
-    "device": "auto, cpu or cuda", "dtype": "compute dtype (auto: bfloat16 on CUDA, else float32)",
-    "data_file": "training corpus: a UTF-8 text file, a directory or a glob of them, or a "
-                 "directory `himoe prepare` wrote (its tokenizer is used) (default: the "
-                 "shipped hamlet.txt)",
-    "tokenizer": "char (one token per character, the card's) or bpe (byte-level BPE trained "
-                 "on the corpus, saved as tokenizer.json)",
-    "bpe_vocab_size": "--tokenizer bpe: target vocabulary size (the model gets the size the "
-                      "trained tokenizer has)",
-    "log": "tensorboard: write TensorBoard scalars (needs pip install 'himoe[tensorboard]')",
-    "log_dir": "TensorBoard directory (default: MODEL_DIR/tb)",
-    "model_dir": "where the modular checkpoint goes", "sample_tokens": "length of sample.txt",
-    "preset": "routing and losses of a source design (README: Presets); flags override it",
-    "renormalize": "topk / group_limited: renormalise the kept weights to sum to 1",
-    "bias_update_rate": "loss-free balancing: selection-bias step per optimiser step (0 = off)",
-    "expert_hidden": "routed expert width (0: ffn_mult * n_embd less the shared expert's)",
-    "shared_fraction": "share of the active FFN width (ffn_mult * n_embd) given to a shared "
-                       "expert that every token runs beside its routed one (0: none)",
-    "compile": "true: torch.compile the training forward (slow start, faster steps)",
-    "switch_coef": "Switch load-balancing loss coefficient", "z_coef": "router z-loss coefficient",
-    "inter_coef": "Hi-MoE inter-group balancing (lambda2)",
-    "intra_coef": "Hi-MoE intra-group specialisation (lambda1)",
-    "reg_form": "l2 or entropy form of the Hi-MoE terms",
-    "intra_conditional": "true: R_intra on within-group probabilities",
-    "intra_warmup": "steps over which R_intra ramps in",
-    "bias_tau": "grouped router: tau of the logit-EMA correction",
-    "ema_beta": "grouped router: EMA decay", "router_temp": "grouped router: softmax temperature",
-}
+# The flags whose values are known only here: presets are a CLI notion, and the router
+# types are those registered by now (those from outside the package included).
+CLI_CHOICES = {"preset": lambda: tuple(PRESETS), "router": router_names}
 
 
 def _flag_type(default, name):
@@ -91,14 +40,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     Defaults are suppressed so that we know which flags the user actually gave."""
     defaults = HiMoEConfig()
     for f in dataclasses.fields(HiMoEConfig):
-        if f.name in ("vocab_size", "group_experts"):  # set by the tokenizer, `experts add`
+        if f.metadata.get("no_flag"):  # set by the tokenizer, `himoe experts add`
             continue
-        names = ALIASES.get(f.name, []) + [f"--{f.name}"] + (
-            [f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        flag = f.metadata.get("flag")  # e.g. the BPE target size takes --vocab_size
+        names = ([f"--{flag}", f"--{flag.replace('_', '-')}"] if flag else []) + [
+            f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         default = getattr(defaults, f.name)
-        # The router types registered by now, those from outside the package included.
-        choices, text = ((router_names(), router_help()) if f.name == "router" else
-                         (CHOICES.get(f.name), HELP.get(f.name, "")))
+        choices = CLI_CHOICES[f.name]() if f.name in CLI_CHOICES else f.metadata.get("choices")
+        text = router_help() if f.name == "router" else f.metadata["help"]
         parser.add_argument(*names, dest=f.name, type=_flag_type(default, f.name),
                             choices=choices, default=argparse.SUPPRESS,
                             help=f"{text} (default: {default})")
@@ -120,7 +69,7 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
 
     check_model_dir_flag(given.get("model_dir", HiMoEConfig.model_dir))
     saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
-    for name in MODEL_FIELDS:
+    for name in SHAPE_FIELDS:
         if name in given and given[name] != getattr(saved, name):
             raise UserError(f"--{name} {given[name]} differs from the saved model's "
                             f"{getattr(saved, name)}; drop the flag to resume, or train a new "
@@ -134,8 +83,9 @@ def cmd_train(args) -> int:
 
     with launched(args) as parallel:  # one process, or one rank of a torchrun job
         cfg = config_from_args(args, args.resume)
-        Trainer(cfg, resume=args.resume, skip_nonfinite=args.skip_nonfinite,
-                train_only=args.train_only, parallel=parallel, force=args.force).train()
+        start = Trainer.resume if args.resume else Trainer.new
+        start(cfg, skip_nonfinite=args.skip_nonfinite, train_only=args.train_only,
+              parallel=parallel, force=args.force).train()
     return 0
 
 

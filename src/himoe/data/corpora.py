@@ -15,12 +15,10 @@ def open_corpus(spec) -> Corpus | PreparedCorpus:
 
 
 def new_tokenizer(cfg, corpus: Corpus | PreparedCorpus):
-    """A new model's tokenizer: fitted to the documents, or the prepared one (cfg.tokenizer
-    then follows it)."""
+    """A new model's tokenizer: fitted to the documents, or the prepared one (whose kind
+    then overrides cfg.tokenizer)."""
     if isinstance(corpus, PreparedCorpus):
-        tok = corpus.tokenizer()
-        cfg.tokenizer = tok.kind
-        return tok
+        return corpus.tokenizer()
     return train_tokenizer(cfg.tokenizer, corpus, cfg.bpe_vocab_size)
 
 

@@ -23,7 +23,7 @@ from himoe.analysis.balance import load_figures
 from himoe.data.documents import encode_documents
 from himoe.data.shards import PreparedCorpus
 from himoe.errors import UserError
-from himoe.training.trainer import autocast
+from himoe.training.device import autocast
 
 
 def windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:

@@ -7,13 +7,13 @@ import math
 import torch
 from torch import nn
 
-from himoe.config import HiMoEConfig
+from himoe.config import ModelConfig
 from himoe.model.experts import ExpertBank
 from himoe.model.routers.registry import build_router
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.router = build_router(cfg, layer)
         self.experts = ExpertBank(cfg.total_experts, cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)

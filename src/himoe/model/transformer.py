@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from himoe.config import HiMoEConfig
+from himoe.config import ModelConfig
 from himoe.model.attention import CausalSelfAttention, KVCache
 from himoe.model.experts import DenseFFN
 from himoe.model.moe import MoELayer
@@ -14,7 +14,7 @@ from himoe.model.routers.registry import router_spec
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout)
@@ -39,11 +39,13 @@ class Block(nn.Module):
 
 
 class HiMoEModel(nn.Module):
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("cfg.vocab_size must be set from the tokenizer before building")
-        self.cfg = cfg
+        # Only the model's own settings, even when given a whole HiMoEConfig: nothing in
+        # the model can come to depend on a training or run setting.
+        self.cfg = cfg = ModelConfig.of(cfg)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from himoe.config import HiMoEConfig
+from himoe.config import TrainConfig
 from himoe.model.grad_sink import grad_parts
 
 
-def build_optimizer(model: torch.nn.Module, cfg: HiMoEConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices (embeddings, attention, routers, stacked experts); none on
     biases and LayerNorms. The tied embedding is one parameter and is listed once."""
     decay, no_decay = [], []
@@ -26,7 +26,7 @@ def build_optimizer(model: torch.nn.Module, cfg: HiMoEConfig) -> torch.optim.Ada
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: HiMoEConfig) -> float:
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
     """Every parameter group at the schedule's rate for `step`; returns that rate."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
@@ -34,7 +34,7 @@ def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: HiMoEConf
     return lr
 
 
-def lr_at(step: int, cfg: HiMoEConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over warmup_iters, then cosine decay to min_lr_ratio * lr at max_iters."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters

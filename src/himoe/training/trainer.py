@@ -1,87 +1,46 @@
-"""The training loop: batches, AdamW, schedule, evaluation, saves, resume and final outputs."""
+"""The training loop: batches, AdamW, schedule, evaluation, saves, resume and final outputs.
+
+A new run and a resumed one differ only in where the model, tokenizer and step come from
+(new_start, resumed_start); Trainer.new and Trainer.resume name the two."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from himoe.analysis.balance import collapse_warning, load_figures, max_violation
 from himoe.analysis.charts import utilisation_chart
-from himoe.analysis.routing_log import routing_log
 from himoe.analysis.training_plots import training_plots
 from himoe.checkpoint import atomic_dir, safe_path
 from himoe.checkpoint import card as checkpoint
 from himoe.config import HiMoEConfig
 from himoe.data.batches import get_batch
 from himoe.data.corpora import new_tokenizer, open_corpus, token_splits, unknown_chars
+from himoe.data.documents import Corpus
+from himoe.data.shards import PreparedCorpus
 from himoe.data.tokenizers import tokenizer_for
 from himoe.distributed.plan import Discard, Parallel
 from himoe.edit.specs import spec_files
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.model.grad_sink import zero_grads
-from himoe.model.routers.registry import router_spec
 from himoe.training.allocator import keep_freed_memory
+from himoe.training.device import autocast, resolve_device
+from himoe.training.evaluation import evaluate, flag_collapse
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
 from himoe.training.memory import check_training_fits
 from himoe.training.optim import build_optimizer, set_scheduled_lr
+from himoe.training.outputs import routing_schedule, write_sample
+from himoe.training.rng import rng_state, seed_everything, set_rng_state
+from himoe.training.step import NonFiniteStep, train_step, write_expert_grads_in_place
 from himoe.training.tensorboard_log import TensorBoardLog, require_tensorboard
-
-
-def resolve_device(cfg: HiMoEConfig) -> tuple[torch.device, torch.dtype]:
-    """(device, compute dtype). Weights stay fp32; a lower compute dtype runs under autocast.
-    bf16 is the default on CUDA only: on CPUs it is far slower than fp32."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; "
-                        "use --device cpu or auto")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
-    name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if use_cuda else "float32")
-    return device, getattr(torch, name)
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # numpy takes 32 bits; --seed goes up to 2^63 - 1
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].copy()),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy(), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -92,113 +51,57 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)
 
 
-class NonFiniteStep(Exception):
-    """train_step found a non-finite loss or gradient norm and applied no update."""
-
-    def __init__(self, loss: float, grad_norm: float):
-        super().__init__(f"loss {loss}, gradient norm {grad_norm}")
-        self.loss, self.grad_norm = loss, grad_norm
-
-
-def routing_schedule(cfg: HiMoEConfig) -> str:
-    """Which balancing acts when, in the Hi-MoE paper's two stages: stage 1 at routing time
-    (selection-side corrections), stage 2 in the loss (R_intra ramped in last)."""
-    stage1 = list(router_spec(cfg.router).selection(cfg))
-    if cfg.bias_update_rate:
-        stage1.append(f"loss-free selection bias (u {cfg.bias_update_rate})")
-    if cfg.capacity_factor:
-        stage1.append(f"capacity factor {cfg.capacity_factor}")
-    stage2 = [f"{name} {coef}" for name, coef in (("Switch", cfg.switch_coef),
-              ("z-loss", cfg.z_coef), ("R_inter", cfg.inter_coef)) if coef]
-    if cfg.intra_coef:
-        ramp = f", ramped in over steps 0-{cfg.intra_warmup}" if cfg.intra_warmup else ""
-        stage2.append(f"R_intra {cfg.intra_coef}{ramp}")
-    if not stage1 and not stage2:
-        return ""
-    return (f"routing stage 1 (selection): {'; '.join(stage1) or 'none'}\n"
-            f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}")
+@dataclass
+class Start:
+    """Where a run starts: its settings (vocab_size filled in), tokenizer, model and step,
+    and the metrics.jsonl lines up to that step."""
+    cfg: HiMoEConfig
+    tokenizer: object
+    model: HiMoEModel
+    step: int = 0
+    metrics_lines: list[str] = field(default_factory=list)
 
 
-def write_expert_grads_in_place(model: HiMoEModel) -> None:
-    """Idle experts cost no gradient writes or norm reads (himoe.model.grad_sink); only for
-    one process, where no DDP, FSDP or --train_only hook needs to see those gradients."""
-    for moe in model.moe_layers.values():
-        moe.experts.write_grads_in_place()
+def new_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus) -> Start:
+    """A tokenizer trained on the corpus and a model initialised from the seed."""
+    tokenizer = new_tokenizer(cfg, corpus)  # a prepared corpus brings its own
+    cfg = dataclasses.replace(cfg, tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size)
+    seed_everything(cfg.seed)  # the initial weights depend on the seed alone
+    return Start(cfg, tokenizer, HiMoEModel(cfg.model))
 
 
-def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, forward=None,
-               parallel: Parallel | None = None) -> torch.Tensor:
-    """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
-    balancing update. `himoe bench` times exactly this function, so its figures are those
-    of `himoe train`. forward: a compiled (or DDP) version of model, if any. parallel: how
-    the step is split into micro-batches and ranks (default: one process, one batch)."""
-    parallel = parallel or Parallel()
-    loss = parallel.forward_backward(forward or model, x_BT, y_BT)
-    norm = parallel.clip_grad_norm(params, model.cfg.grad_clip, optimizer)
-    try:
-        # A non-finite loss or gradient norm must never reach the weights or AdamW's
-        # moments. One host sync; the caller reads the loss every step anyway.
-        if not bool(torch.isfinite(torch.stack([loss.detach().float(), norm.float()])).all()):
-            zero_grads(model, optimizer)
-            raise NonFiniteStep(loss.item(), float(norm))
-        optimizer.step()
-    finally:
-        optimizer.grad_scale = None  # a clip left to this step (scale_gradients): once
-    zero_grads(model, optimizer)
-    if model.cfg.bias_update_rate:
-        parallel.sync_balance_counts(model)
-        model.update_balance_biases()
-    return loss
+def resumed_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus, model_dir: Path) -> Start:
+    """The saved tokenizer and weights, with the settings of this run (its flags may change
+    the routing losses, never the shapes)."""
+    saved, vocab, step = checkpoint.read_config(model_dir)
+    tokenizer = tokenizer_for(saved, vocab, model_dir)
+    missing = unknown_chars(corpus, tokenizer)
+    if missing:
+        raise UserError(f"corpus {corpus.source} has characters the saved model does not "
+                        f"know: {''.join(missing)!r}; resume on the same corpus")
+    cfg = dataclasses.replace(cfg, vocab_size=saved.vocab_size)
+    model, _, _, _ = checkpoint.load_model(model_dir, config=cfg.model)
+    return Start(cfg, tokenizer, model, step, checkpoint.read_metrics(model_dir, step))
 
 
-@torch.no_grad()
-def evaluate(model: HiMoEModel, data: torch.Tensor, cfg: HiMoEConfig, device, dtype) -> dict:
-    """Mean loss over eval_iters fixed batches (same batches at every evaluation, so the
-    curve is not noise), plus per-layer expert-load figures."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    moe = model.moe_layers
-    counts = {i: torch.zeros(cfg.total_experts, dtype=torch.long) for i in moe}
-    dropped = dict.fromkeys(moe, 0)
-    batch_maxvio = {i: [] for i in moe}
-    entropy = {i: [] for i in moe}
-    losses = []
-    for _ in range(cfg.eval_iters):
-        x, y = get_batch(data, cfg.batch_size, cfg.block_size, gen)
-        with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
-        for i, layer in moe.items():
-            batch_E = torch.bincount(layer.last_ids_TK.reshape(-1).cpu(),
-                                     minlength=cfg.total_experts)
-            counts[i] += batch_E
-            batch_maxvio[i].append(max_violation(batch_E[cfg.real_slots(i)]))
-            entropy[i].append(layer.last_entropy)
-            dropped[i] += layer.last_dropped
-    model.train(was_training)
-    val_loss = sum(losses) / len(losses)
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-            "layers": [load_figures(counts[i], cfg.num_moes, cfg.group_sizes(i)) | {
-                "batch_maxvio": sum(batch_maxvio[i]) / len(batch_maxvio[i]),
-                "routing_entropy": sum(entropy[i]) / len(entropy[i]),
-                "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
-
-
-def flag_collapse(layers: list[dict], cfg: HiMoEConfig) -> list[str]:
-    """Marks each layer's figures with "collapsed" (kept in metrics.jsonl) and returns one
-    warning line per collapsed layer, naming the flag that balances this router."""
-    hint = router_spec(cfg.router).balance_hint
-    warnings = []
-    for i, figures in enumerate(layers, start=1):
-        warning = collapse_warning(i, figures, hint)
-        figures["collapsed"] = warning is not None
-        if warning:
-            warnings.append(warning)
-    return warnings
+@dataclass
+class Window:
+    """The steps since the last evaluation: their time, losses and auxiliary losses."""
+    seconds: float = 0.0
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # of the steps not skipped
+    aux: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
+    @classmethod
+    def new(cls, cfg: HiMoEConfig, **kwargs) -> Trainer:
+        return cls(cfg, resume=False, **kwargs)
+
+    @classmethod
+    def resume(cls, cfg: HiMoEConfig, **kwargs) -> Trainer:
+        return cls(cfg, resume=True, **kwargs)
+
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
                  skip_nonfinite: bool = False, train_only: str | None = None,
                  parallel: Parallel | None = None, force: bool = False):
@@ -229,11 +132,12 @@ class Trainer:
         # force: a new model may replace the one in model_dir (never a folder of other files).
         self._lock = self._lock_model_dir(resume, force)
         try:
-            self._load(cfg, corpus, resume, train_only)
+            start = (resumed_start(cfg, corpus, self.model_dir) if resume
+                     else new_start(cfg, corpus))
+            self._prepare(start, corpus, resume, train_only)
         except BaseException:
             self._lock.release()
             raise
-
     def _lock_model_dir(self, resume: bool, force: bool) -> atomic_dir.WriterLock:
         """The writer lock, held until train() ends: a second writer stops at once. What
         would refuse the directory is checked before the lock file is made in it, and the
@@ -259,38 +163,24 @@ class Trainer:
         with contextlib.suppress(Exception):
             self._lock.release()
 
-    def _load(self, cfg: HiMoEConfig, corpus, resume: bool, train_only: str | None) -> None:
-        parallel = self.parallel
-        self.metrics_lines: list[str] = []  # metrics.jsonl, saved with each checkpoint
-        if resume:
-            saved_cfg, vocab, self.step = checkpoint.read_config(self.model_dir)
-            self.tokenizer = tokenizer_for(saved_cfg, vocab, self.model_dir)
-            missing = unknown_chars(corpus, self.tokenizer)
-            if missing:
-                raise UserError(f"corpus {corpus.source} has characters the saved model does not "
-                                f"know: {''.join(missing)!r}; resume on the same corpus")
-            self.model, _, _, _ = checkpoint.load_model(self.model_dir)
-            cfg.vocab_size = saved_cfg.vocab_size
-            self.metrics_lines = checkpoint.read_metrics(self.model_dir, self.step)
-        else:
-            self.tokenizer = new_tokenizer(cfg, corpus)
-            cfg.vocab_size = self.tokenizer.vocab_size
-            self.step = 0
-            seed_everything(cfg.seed)  # the initial weights depend on the seed alone
-            self.model = HiMoEModel(cfg)
+    def _prepare(self, start: Start, corpus: Corpus | PreparedCorpus, resume: bool,
+                 train_only: str | None) -> None:
+        """Everything both kinds of run share once the model exists: placement, data,
+        optimizer, generators; a resumed run then restores its saved training state."""
+        parallel, cfg = self.parallel, start.cfg
+        self.cfg, self.tokenizer, self.model = cfg, start.tokenizer, start.model
+        self.step, self.metrics_lines = start.step, start.metrics_lines  # metrics.jsonl
         parallel.check(cfg, train_only)
-        self.cfg = cfg
-        self.model.cfg = cfg  # training flags may differ from the saved run's
         total, active = self.model.parameter_counts()  # of the whole model, before sharding
         parallel.place(self.model, self.device)
         self.train_data, self.val_data = token_splits(corpus, self.tokenizer, cfg.block_size)
-        # The compiled forward shares the model's parameters; evaluation and sampling use
-        # the plain model, so switching to eval mode triggers no recompilation.
         if train_only is not None:
             self.freezer = Freezer(self.model, set(spec_files(train_only, cfg, "--train_only")))
             self._print(self.freezer.summary())
         if parallel.mode == "single" and self.freezer is None:
             write_expert_grads_in_place(self.model)  # nothing hooks the expert gradients
+        # The compiled forward shares the model's parameters; evaluation and sampling use
+        # the plain model, so switching to eval mode triggers no recompilation.
         forward = parallel.wrap(self.model, self.device)
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.optimizer = build_optimizer(self.model, cfg)
@@ -354,7 +244,8 @@ class Trainer:
                                   extra={checkpoint.TRAIN_STATE_FILE: train_state,
                                          checkpoint.METRICS_FILE: "".join(self.metrics_lines),
                                          **self.tokenizer.files()},
-                                  keep=self.freezer.frozen_files if self.freezer else ())
+                                  keep=self.freezer.frozen_files if self.freezer else (),
+                                  config=self.cfg)
         except BaseException:
             if getattr(self, "bar", None) is not None:
                 self.bar.close()  # so that the error starts on a line of its own
@@ -376,15 +267,14 @@ class Trainer:
             raise UserError(f"the model in {self.model_dir} is already at step {self.step} of "
                             f"--max_iters {cfg.max_iters}; pass a larger --max_iters")
         result = TrainResult(self.step, self.model_dir)
-        tokens_per_step = cfg.batch_size * cfg.block_size
         model.train()
-        tb = None
+        self.tb = None
         if cfg.log == "tensorboard" and self.parallel.is_main:  # one writer under torchrun
-            tb = TensorBoardLog(Path(cfg.log_dir) if cfg.log_dir else self.model_dir / "tb")
+            self.tb = TensorBoardLog(Path(cfg.log_dir) if cfg.log_dir else self.model_dir / "tb")
         bar = self.bar = tqdm(total=cfg.max_iters, initial=self.step, desc="train",
                               unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stderr,
                               disable=not self.parallel.is_main)
-        step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
+        window = Window()
         while self.step < cfg.max_iters:
             lr = set_scheduled_lr(self.optimizer, self.step, cfg)
             if cfg.intra_warmup:
@@ -396,56 +286,62 @@ class Trainer:
             try:
                 with autocast(self.device, self.dtype):
                     loss = train_step(model, self.optimizer, self.params, x.to(self.device),
-                                      y.to(self.device), self.forward, self.parallel)
+                                      y.to(self.device), grad_clip=cfg.grad_clip,
+                                      forward=self.forward, parallel=self.parallel)
                 loss_value = loss.item()
             except NonFiniteStep as bad:
                 self._skip_or_stop(bad, bar, buffers)  # raises unless --skip_nonfinite
                 loss_value = bad.loss
             else:
                 for name, value in model.aux_losses().items():
-                    window_aux[name] = window_aux.get(name, 0.0) + value
-                window_losses.append(loss_value)
+                    window.aux[name] = window.aux.get(name, 0.0) + value
+                window.losses.append(loss_value)
             if self.freezer is not None:  # AdamW may have moved frozen rows: put them back
                 self.freezer.after_step()
-            step_time += time.perf_counter() - t0
+            window.seconds += time.perf_counter() - t0
             self.step += 1
-            window_steps += 1
+            window.steps += 1
             result.train_losses.append(loss_value)
-            if tb is not None:
-                tb.step(self.step, loss_value, lr)
-            tok_s = window_steps * tokens_per_step / max(step_time, 1e-9)
+            if self.tb is not None:
+                self.tb.step(self.step, loss_value, lr)
+            tok_s = window.steps * cfg.batch_size * cfg.block_size / max(window.seconds, 1e-9)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                             refresh=False)
             bar.update(1)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                ev = evaluate(model, self.val_data, cfg, self.device, self.dtype)
-                done = max(1, len(window_losses))  # steps of this window that were not skipped
-                ev.update(step=self.step, lr=lr, tokens_per_s=tok_s,
-                          train_loss=sum(window_losses) / len(window_losses) if window_losses
-                          else float("nan"),
-                          aux={k: v / done for k, v in window_aux.items()},
-                          mfu=mfu(cfg, self.active_params, tok_s, self.peak_flops),
-                          skipped_steps=self.skipped_steps)
-                bar.write(f"step {self.step}: train loss {ev['train_loss']:.4f}, val loss "
-                          f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
-                          file=self.out)
-                for warning in flag_collapse(ev["layers"], cfg):
-                    bar.write(warning, file=self.out)
-                self.metrics_lines.append(json.dumps(ev) + "\n")
-                if tb is not None:
-                    tb.evaluation(ev)
-                self.save()
-                result.evals.append(ev)
-                step_time, window_steps, window_losses, window_aux = 0.0, 0, [], {}
+                result.evals.append(self._evaluate_and_save(window, lr, tok_s))
+                window = Window()
             if stop_at is not None and self.step >= stop_at:
                 break
         bar.close()
-        if tb is not None:
-            tb.close()
+        if self.tb is not None:
+            self.tb.close()
         result.step = self.step
         if self.step >= cfg.max_iters:
             self.finish(result.evals[-1])
         return result
+
+    def _evaluate_and_save(self, window: Window, lr: float, tok_s: float) -> dict:
+        """The validation figures with this window's training figures: printed, appended
+        to metrics.jsonl, logged, then a save."""
+        ev = evaluate(self.model, self.val_data, self.cfg, self.device, self.dtype)
+        done = max(1, len(window.losses))  # steps of this window that were not skipped
+        ev.update(step=self.step, lr=lr, tokens_per_s=tok_s,
+                  train_loss=sum(window.losses) / len(window.losses) if window.losses
+                  else float("nan"),
+                  aux={k: v / done for k, v in window.aux.items()},
+                  mfu=mfu(self.cfg, self.active_params, tok_s, self.peak_flops),
+                  skipped_steps=self.skipped_steps)
+        self.bar.write(f"step {self.step}: train loss {ev['train_loss']:.4f}, val loss "
+                       f"{ev['val_loss']:.4f} (ppl {ev['val_ppl']:.2f}), {tok_s:,.0f} tok/s",
+                       file=self.out)
+        for warning in flag_collapse(ev["layers"], self.model.cfg):
+            self.bar.write(warning, file=self.out)
+        self.metrics_lines.append(json.dumps(ev) + "\n")
+        if self.tb is not None:
+            self.tb.evaluation(ev)
+        self.save()
+        return ev
 
     def _skip_or_stop(self, bad: NonFiniteStep, bar, buffers: list | None) -> None:
         step = self.step + 1
@@ -478,25 +374,3 @@ class Trainer:
             pngs, note = training_plots(self.metrics_lines, last_eval, self.cfg.num_experts,
                                         self.model_dir)
             self._print(note or f"plots written to {', '.join(str(p) for p in pngs)}")
-
-
-def write_sample(model: HiMoEModel, tokenizer, cfg: HiMoEConfig,
-                 model_dir: Path, device, write: bool = True) -> tuple[str, list | None]:
-    """sample.txt: sample_tokens tokens from a blank context; routing_log.json: the routing
-    of the first 50 of them."""
-    model.eval()
-    context = [tokenizer.blank_token()]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(torch.tensor([context], device=device), cfg.sample_tokens,
-                         generator=gen)
-    generated = out[0, len(context):].tolist()
-    text = tokenizer.decode(generated)
-    if write:
-        checkpoint.atomic_write_text(text, model_dir / "sample.txt")
-    log = None
-    if model.moe_layers:
-        log = routing_log(model, context, generated, tokenizer.decode)
-        if write:
-            checkpoint.atomic_write_text(json.dumps(log, indent=1),
-                                         model_dir / "routing_log.json")
-    return text, log

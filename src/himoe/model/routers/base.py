@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from himoe.config import HiMoEConfig
+from himoe.config import ModelConfig
 from himoe.model import losses
 
 
@@ -28,7 +28,7 @@ class Routing:
     entropy: Callable[[], float] = lambda: 0.0
 
 
-def hi_moe_terms(cfg: HiMoEConfig, probs_TE: torch.Tensor, intra_scale: float) -> dict:
+def hi_moe_terms(cfg: ModelConfig, probs_TE: torch.Tensor, intra_scale: float) -> dict:
     """The Hi-MoE regularisers on a distribution over all E experts."""
     aux = {}
     if cfg.inter_coef:

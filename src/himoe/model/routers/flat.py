@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from himoe.config import HiMoEConfig
+from himoe.config import ModelConfig
 from himoe.distributed.collectives import mean_over_ranks
 from himoe.model import losses
 from himoe.model.routers.base import Routing, hi_moe_terms, sign_update
 
 
-def flat_router_terms(cfg: HiMoEConfig, z_TE: torch.Tensor, p_TE: torch.Tensor,
+def flat_router_terms(cfg: ModelConfig, z_TE: torch.Tensor, p_TE: torch.Tensor,
                       ids_TK: torch.Tensor, intra_scale: float) -> dict:
     """Switch, z-loss and the Hi-MoE terms of a router with one softmax over all experts:
     z_TE its logits, p_TE = softmax(z_TE), ids_TK its choices."""
@@ -29,7 +29,7 @@ class FlatGate(nn.Module):
     """A gate with one set of logits over all E experts, z = W x in fp32: the base of the
     grouped, top-k and group-limited routers."""
 
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.weight_ED = nn.Parameter(torch.empty(cfg.total_experts, cfg.n_embd))
@@ -46,7 +46,7 @@ class GroupedRouter(FlatGate):
     group gets the same traffic by construction), weights renormalised over the chosen
     experts and multiplied by a learnable per-expert scale."""
 
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.expert_scale_E = nn.Parameter(torch.ones(cfg.total_experts))
         self.register_buffer("logit_ema_E", torch.zeros(cfg.total_experts))
@@ -79,7 +79,7 @@ class TopKRouter(FlatGate):
     the kept experts: cfg.renormalize. With loss-free balancing (cfg.bias_update_rate > 0)
     the selection is on p + b, the weights on p alone."""
 
-    def __init__(self, cfg: HiMoEConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.register_buffer("expert_bias_E", torch.zeros(cfg.total_experts))
         self.register_buffer("expert_counts_E", torch.zeros(cfg.total_experts),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from himoe.config import HiMoEConfig
+from himoe.config import ModelConfig
 from himoe.model import losses
 from himoe.model.routers.base import Routing, hi_moe_terms, sign_update
 
@@ -16,7 +16,7 @@ class HierarchicalRouter(nn.Module):
     top_k_experts of its M experts. Combine weight = p1[g] * p2[g, j], so the language-model
     loss reaches both levels (a bare argmax would give neither router any gradient)."""
 
-    def __init__(self, cfg: HiMoEConfig, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         self.main_weight_ND = nn.Parameter(torch.empty(cfg.num_moes, cfg.n_embd))

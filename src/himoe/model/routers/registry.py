@@ -22,7 +22,7 @@ from himoe.errors import UserError
 if TYPE_CHECKING:
     from torch import nn
 
-    from himoe.config import HiMoEConfig
+    from himoe.config import ModelConfig
 
 # The entry of a router file holding loss-free balancing biases: written only when that
 # balancing is on (cfg.bias_update_rate > 0), read as zeros when a file lacks it (a plain
@@ -34,19 +34,19 @@ WEIGHT = "weight"  # the gate matrix of a router file, one row per choice
 FLAT_HINT = "balance it with --switch_coef 0.01 or --bias_update_rate 1e-3"
 
 
-def _top_k(cfg: HiMoEConfig) -> int:
+def _top_k(cfg: ModelConfig) -> int:
     return cfg.top_k_experts
 
 
-def _all_experts(cfg: HiMoEConfig) -> int:
+def _all_experts(cfg: ModelConfig) -> int:
     return cfg.total_experts
 
 
-def _flat_gate_params(cfg: HiMoEConfig) -> int:
+def _flat_gate_params(cfg: ModelConfig) -> int:
     return cfg.total_experts * cfg.n_embd
 
 
-def _nothing(cfg: HiMoEConfig) -> list[str]:
+def _nothing(cfg: ModelConfig) -> list[str]:
     return []
 
 
@@ -57,10 +57,10 @@ class RouterSpec:
     help: str  # a few words for --help, e.g. "flat"
     # (cfg, layer) -> the router module of MoE layer `layer` (0-based): its forward maps
     # x_TD to a himoe.model.routers.base.Routing. None: no router and no experts, one dense FFN.
-    build: Callable[[HiMoEConfig, int], nn.Module] | None
-    experts_per_token: Callable[[HiMoEConfig], int] = _top_k
-    pool: Callable[[HiMoEConfig], int] = _all_experts  # the experts top_k_experts picks from
-    gate_params: Callable[[HiMoEConfig], int] = _flat_gate_params  # one layer's router params
+    build: Callable[[ModelConfig, int], nn.Module] | None
+    experts_per_token: Callable[[ModelConfig], int] = _top_k
+    pool: Callable[[ModelConfig], int] = _all_experts  # the experts top_k_experts picks from
+    gate_params: Callable[[ModelConfig], int] = _flat_gate_params  # one layer's router params
     # The card's file layout. main_entries: (file entry, router state) of the layer's router
     # file; None: every persistent state of the router under its own name. group_entries:
     # (file entry, router state stacked over the groups' expert slots, [N, M, ...] or
@@ -75,7 +75,7 @@ class RouterSpec:
     hf_training_only: tuple[str, ...] = ()  # router state the export leaves out
     balance_hint: str = FLAT_HINT
     # Lines for the balancing that acts at selection time (the trainer's routing summary).
-    selection: Callable[[HiMoEConfig], list[str]] = _nothing
+    selection: Callable[[ModelConfig], list[str]] = _nothing
 
     @property
     def dense(self) -> bool:
@@ -125,7 +125,7 @@ def router_help() -> str:
 def _routing_class(module: str, name: str, per_layer: bool = False):
     """A builder of class `name` of himoe.model.routers.`module`; per_layer: it takes the
     layer (its groups' sizes)."""
-    def build(cfg: HiMoEConfig, layer: int) -> nn.Module:
+    def build(cfg: ModelConfig, layer: int) -> nn.Module:
         import importlib  # torch: imported when a model is built
 
         cls = getattr(importlib.import_module(f"himoe.model.routers.{module}"), name)
@@ -133,16 +133,16 @@ def _routing_class(module: str, name: str, per_layer: bool = False):
     return build
 
 
-def _grouped_selection(cfg: HiMoEConfig) -> list[str]:
+def _grouped_selection(cfg: ModelConfig) -> list[str]:
     return [f"logit-EMA bias correction (tau {cfg.bias_tau}, beta {cfg.ema_beta})",
             "equal traffic per group (top-k inside every group)"]
 
 
-def _two_level_top_k(cfg: HiMoEConfig) -> int:
+def _two_level_top_k(cfg: ModelConfig) -> int:
     return cfg.top_k_groups * cfg.top_k_experts
 
 
-def _one_group(cfg: HiMoEConfig) -> int:
+def _one_group(cfg: ModelConfig) -> int:
     return cfg.num_experts
 
 
@@ -170,6 +170,6 @@ register_router(RouterSpec("dense", "one plain FFN: the baseline", None,
                            experts_per_token=_two_level_top_k, pool=_one_group, hf_name="dense"))
 
 
-def build_router(cfg: HiMoEConfig, layer: int = 0) -> nn.Module | None:
+def build_router(cfg: ModelConfig, layer: int = 0) -> nn.Module | None:
     """The router of MoE layer `layer` (0-based), of the type cfg.router names."""
     return router_spec(cfg.router).build(cfg, layer)

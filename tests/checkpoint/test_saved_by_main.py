@@ -1,0 +1,38 @@
+"""A model directory written by himoe before the configs were split (main at 9ba6083, a
+2-step run of `himoe train --n_embd 16 --n_head 2 --n_layer 1 --num_moes 2 --num_experts 2
+--block_size 8 --batch_size 2 --max_iters 2 --eval_interval 2 --eval_iters 1 --seed 3`)
+still loads, resumes, and is saved again with the same config.json keys."""
+
+import json
+import shutil
+from pathlib import Path
+
+from himoe.checkpoint import card as checkpoint
+from himoe.config import HiMoEConfig, ModelConfig
+from tests.cli.test_bad_input import himoe
+
+SAVED = Path(__file__).resolve().parents[1] / "fixtures" / "main_9ba6083_model"
+
+
+def test_old_config_json_loads_into_the_split_configs():
+    cfg, vocab, step = checkpoint.read_config(SAVED)
+    assert isinstance(cfg, HiMoEConfig) and step == 2 and len(vocab) == cfg.vocab_size
+    assert (cfg.n_embd, cfg.num_moes, cfg.num_experts, cfg.seed) == (16, 2, 2, 3)
+    assert type(cfg.model) is ModelConfig and cfg.model.n_embd == 16
+    assert cfg.train.grad_clip == 1.0 and cfg.run.model_dir == "fx/tiny_model"
+    model, _, _, _ = checkpoint.load_model(SAVED)
+    assert type(model.cfg) is ModelConfig
+
+
+def test_resume_continues_it_and_keeps_the_config_keys(tmp_path, capsys):
+    work = tmp_path / "model"
+    shutil.copytree(SAVED, work)
+    before = json.loads((SAVED / "config.json").read_text())
+    code, _, err = himoe(["train", "--resume", "--max_iters", "3", "--sample_tokens", "4",
+                          "--model_dir", work], capsys)
+    assert code == 0, err
+    after = json.loads((work / "config.json").read_text())
+    assert after["step"] == 3 and after["vocab"] == before["vocab"]
+    assert list(after) == list(before) and set(after["config"]) == set(before["config"])
+    changed = {k for k in before["config"] if after["config"][k] != before["config"][k]}
+    assert changed == {"max_iters", "sample_tokens", "model_dir"}
