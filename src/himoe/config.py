@@ -172,6 +172,10 @@ class TrainConfig(_Section):
     intra_warmup: int = setting(0, "steps over which R_intra ramps in from 0")
     # The initial weights, the batch order and dropout: kept on resume like the rest.
     seed: int = setting(1337, "random seed")
+    # What the model was trained on: recorded, so `himoe experts` and `himoe analyze` find it.
+    data_file: str | None = setting(None, "training corpus: a UTF-8 text file, a directory "
+                                    "or a glob of them, or a directory `himoe prepare` wrote "
+                                    "(its tokenizer is used) (default: the shipped hamlet.txt)")
 
 
 @dataclass
@@ -179,9 +183,6 @@ class RunConfig(_Section):
     device: str = setting("auto", "auto, cpu or cuda", choices=DEVICES)
     dtype: str = setting("auto", "compute dtype (auto: bfloat16 on CUDA, else float32)",
                          choices=DTYPES)
-    data_file: str | None = setting(None, "training corpus: a UTF-8 text file, a directory "
-                                    "or a glob of them, or a directory `himoe prepare` wrote "
-                                    "(its tokenizer is used) (default: the shipped hamlet.txt)")
     model_dir: str = setting("model", "where the modular checkpoint goes")
     sample_tokens: int = setting(400, "length of sample.txt")
     compile: bool = setting(False, "true: torch.compile the training forward (attention, "
@@ -193,10 +194,9 @@ class RunConfig(_Section):
 
 @dataclass
 class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
-    """Every setting of a run, flat: the model's, then training's, then the run's (the
-    order of config.json). The run settings are recorded in config.json too, as today:
-    `himoe experts` and `himoe analyze` default to the recorded data_file, and --resume
-    keeps every setting no flag changes."""
+    """Every setting of a run, flat: the model's, then training's, then the run's. config.json
+    records the first two (to_dict); the run's (device, paths, logging) belong to one
+    invocation and are never saved, so a resume takes them from its own flags."""
 
     @property
     def model(self) -> ModelConfig:
@@ -226,7 +226,9 @@ class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
 
     # --- JSON round trip ---
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The model's and training's settings: what config.json records."""
+        run = {f.name for f in dataclasses.fields(RunConfig)}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
 
     @classmethod
     def from_dict(cls, data: dict) -> HiMoEConfig:
