@@ -162,6 +162,7 @@ def test_verify_reports_links_special_files_and_hard_links(work, capsys):
     assert digests(outside) == before
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_a_hard_linked_file_is_never_written_through(work, capsys):
     """A save replaces files by renaming, so the other name of a hard link keeps its bytes."""
     rel = f"{GROUP}/model_001.pt"
@@ -297,6 +298,7 @@ def hold_lock(model_dir: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_a_second_writer_is_refused_and_a_killed_holder_never_blocks(work, capsys):
     model = work / "model"
     holder = hold_lock(model)
@@ -396,6 +398,7 @@ def test_an_empty_folder_and_a_killed_runs_lock_are_fine_for_a_new_model(work, c
 
 # --- 6. leftovers of a killed export-hf ---
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_a_dead_exports_leftover_folder_does_not_break_a_save(work, capsys):
     leftover = work / "model" / ".hf.tmp-999999"  # a pid that is not running
     leftover.mkdir()
@@ -409,6 +412,7 @@ def test_a_dead_exports_leftover_folder_does_not_break_a_save(work, capsys):
     assert code == 0, err
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_the_model_dir_itself_may_be_a_link(work, capsys):
     """Only entries inside are refused: the folder the user names is the user's choice."""
     (work / "alias").symlink_to(work / "model")

@@ -51,6 +51,7 @@ def test_prepared_tokens_and_batches_match_in_memory(tmp_path, tokenizer, layout
     prepared.verify()  # every shard matches its sha256
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_training_on_prepared_hamlet_gives_the_same_losses(tmp_path):
     out = tmp_path / "hamlet"
     hamlet = str(default_corpus_path())

@@ -90,6 +90,7 @@ def test_bpe_model_saves_tokenizer_in_the_atomic_save(bpe_model):
     assert [e["token"] for e in log] == [tok.decode([e["token_id"]]) for e in log]
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_bpe_resume_equals_uninterrupted(tmp_path):
     (tmp_path / "c.txt").write_text(TEXT)
     whole = Trainer(bpe_config(tmp_path / "a", tmp_path / "c.txt"), out=io.StringIO()).train()
@@ -140,6 +141,7 @@ def test_broken_or_mismatched_tokenizer_is_one_line(bpe_model, tmp_path, capsys)
     assert any("sha256" in p or "does not match" in p for p in verify(model_dir)[0])
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_tokenizer_flags_both_spellings_and_resume_guard(bpe_model, tmp_path, capsys):
     small = ["--n_embd", "16", "--n_head", "2", "--block_size", "16", "--num_moes", "2",
              "--num_experts", "2", "--batch_size", "2", "--max_iters", "2", "--eval_iters", "1",

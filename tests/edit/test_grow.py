@@ -82,6 +82,7 @@ def test_add_writes_one_file_widens_one_router_and_keeps_the_rest(base, capsys):
                            new_model.moe_layers[1].last_ids_TK)
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_train_only_the_new_parts_after_add(base, capsys):
     model_dir = Path(base.model_dir)
     add(model_dir, capsys)  # random initialisation

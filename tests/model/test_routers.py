@@ -130,6 +130,7 @@ def test_two_level_switch_loss_balances_a_skewed_router():
     assert after["group_cv"] < before["group_cv"] and after["dead_experts"] == 0
 
 
+@pytest.mark.slow  # seconds of whole training runs
 def test_a_tiny_default_run_keeps_every_expert_alive(tmp_path):
     text = "".join(chr(97 + (i * 7 + i // 13) % 26) + " ,.\n"[i % 4] for i in range(6000))
     (tmp_path / "corpus.txt").write_text(text)
