@@ -131,6 +131,7 @@ class PreparedCorpus:
         dtype = np.dtype(m["dtype"])
         self.shards = [self._map(entry["file"], dtype, entry["tokens"]) for entry in m["shards"]]
         self.offsets = self._map(OFFSETS_FILE, np.dtype("<i8"), m["documents"] + 1)
+        self._tokenizer = None  # read on first use, then kept: a run asks for it more than once
 
     def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
         path = self.path / name
@@ -152,12 +153,16 @@ class PreparedCorpus:
         return self.manifest["corpus_sha256"]
 
     def tokenizer(self):
-        from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer
+        """The tokenizer the corpus was prepared with."""
+        if self._tokenizer is None:
+            from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer
 
-        if self.manifest["tokenizer"] == "char":
-            return CharTokenizer(self.manifest["vocab"])
-        path = self.path / TOKENIZER_FILE
-        return BPETokenizer.from_json(path.read_text(encoding="utf-8"), path)
+            if self.manifest["tokenizer"] == "char":
+                self._tokenizer = CharTokenizer(self.manifest["vocab"])
+            else:
+                path = self.path / TOKENIZER_FILE
+                self._tokenizer = BPETokenizer.from_json(path.read_text(encoding="utf-8"), path)
+        return self._tokenizer
 
     def _ranges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """(train ranges, validation ranges) of the token stream, adjacent ones merged."""

@@ -138,6 +138,7 @@ class Trainer:
         except BaseException:
             self._lock.release()
             raise
+
     def _lock_model_dir(self, resume: bool, force: bool) -> atomic_dir.WriterLock:
         """The writer lock, held until train() ends: a second writer stops at once. What
         would refuse the directory is checked before the lock file is made in it, and the
