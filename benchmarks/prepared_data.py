@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,47 +53,57 @@ def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
             written += len(line.encode("utf-8"))
 
 
-def prepare_throughput(corpus: Path, out: Path, vocab_size: int) -> dict:
-    """MB/s of the tokenising pass of `himoe prepare` and of a bare encode_batch."""
+def encode_ratio(corpus: Path, out: Path, vocab_size: int, pairs: int) -> dict:
+    """MB/s of `himoe prepare`'s tokenising pass (reading, encoding, writing the shards)
+    against a bare encode_batch of the same texts, alternating A B A B."""
     from himoe.data.formats import read_documents
     from himoe.data.prepare import prepare
     from himoe.data.shards import PreparedCorpus
 
-    manifest = prepare(corpus, "bpe", out, bpe_vocab_size=vocab_size, err=io.StringIO())
-
-    tok = PreparedCorpus(out).tokenizer().tok
     texts = [doc.text for doc in read_documents(corpus)]
-    start = time.perf_counter()
-    tok.encode_batch(texts)
-    ceiling = manifest["bytes"] / 1e6 / (time.perf_counter() - start)
-    return {"prepare_mb_s": manifest["mb_per_s"], "encode_batch_mb_s": round(ceiling, 2),
-            "ratio": round(manifest["mb_per_s"] / ceiling, 3)}
+    n_mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    ratios, a_mb_s, b_mb_s = [], [], []
+    for i in range(pairs):
+        manifest = prepare(corpus, "bpe", out / f"p{i}", bpe_vocab_size=vocab_size,
+                           err=io.StringIO())
+        tok = PreparedCorpus(out / f"p{i}").tokenizer().tok
+        start = time.perf_counter()
+        tok.encode_batch(texts)
+        ceiling = n_mb / (time.perf_counter() - start)
+        a_mb_s.append(manifest["mb_per_s"])
+        b_mb_s.append(round(ceiling, 2))
+        ratios.append(manifest["mb_per_s"] / ceiling)
+    return {"prepare_mb_s": a_mb_s, "encode_batch_mb_s": b_mb_s, "ratio": spread(ratios)}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}]"
 
 
 def train_run(data_file: Path, model_dir: Path, steps: int) -> dict:
-    """Peak RSS and tokens/s (start-up included) of `himoe train` in a child process."""
+    """Peak RSS and training tokens/s (the last evaluation's window: start-up excluded) of
+    `himoe train` in a child process."""
     flags = [f"--{k}={v}" for k, v in TRAIN_FLAGS.items()]
-    start = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", CHILD, "train", f"--data_file={data_file}",
                         f"--model_dir={model_dir}", f"--max_iters={steps}", *flags],
                        check=True, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
     peak_kb = int(r.stderr.strip().splitlines()[-1])
-    tokens = steps * TRAIN_FLAGS["batch_size"] * TRAIN_FLAGS["block_size"]
-    return {"peak_rss_mb": round(peak_kb / 1024, 1),
-            "tokens_per_s_incl_start": round(tokens / elapsed, 1)}
+    last = json.loads((model_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"peak_rss_mb": round(peak_kb / 1024, 1), "tokens_per_s": last["tokens_per_s"]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small_mb", type=float, default=10)
     parser.add_argument("--large_mb", type=float, default=2000)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--pairs", type=int, default=3, help="A B repetitions of each ratio")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: that it runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.small_mb, args.large_mb, args.steps, args.vocab_size = 0.05, 0.2, 2, 300
+        args.small_mb, args.large_mb, args.steps, args.vocab_size, args.pairs = \
+            0.05, 0.2, 2, 300, 1
     from himoe.data.prepare import prepare
 
     report = {}
@@ -101,16 +112,27 @@ def main(argv=None) -> int:
         small, large = root / "small.jsonl", root / "large.jsonl"
         generate_corpus(small, args.small_mb)
         generate_corpus(large, args.large_mb, seed=1)
-        report["prepare"] = prepare_throughput(small, root / "small_bpe", args.vocab_size)
+        report["prepare_vs_encode_batch"] = encode_ratio(small, root / "bpe", args.vocab_size,
+                                                         args.pairs)
         for name, corpus in (("small", small), ("large", large)):
             prepare(corpus, "char", root / f"{name}_char", err=io.StringIO())
-        report["train_small_prepared"] = train_run(root / "small_char", root / "m1", args.steps)
-        report["train_large_prepared"] = train_run(root / "large_char", root / "m2", args.steps)
+        large.unlink()  # only the prepared copy is read from here on
+        small_run = train_run(root / "small_char", root / "m1", args.steps)
+        large_run = train_run(root / "large_char", root / "m2", args.steps)
+        report["peak_rss_mb"] = {"small_prepared": small_run["peak_rss_mb"],
+                                 "large_prepared": large_run["peak_rss_mb"],
+                                 "difference": round(large_run["peak_rss_mb"]
+                                                     - small_run["peak_rss_mb"], 1)}
         text_dir = root / "small_text"  # the in-memory path reads text files, one a document
         text_dir.mkdir()
         for i, line in enumerate(small.read_text(encoding="utf-8").splitlines()):
             (text_dir / f"{i:08d}.txt").write_text(json.loads(line)["text"], encoding="utf-8")
-        report["train_small_in_memory"] = train_run(text_dir, root / "m3", args.steps)
+        ratios = []  # prepared / in-memory tokens/s, alternating
+        for i in range(args.pairs):
+            prepared = train_run(root / "small_char", root / f"a{i}", args.steps)
+            in_memory = train_run(text_dir, root / f"b{i}", args.steps)
+            ratios.append(prepared["tokens_per_s"] / in_memory["tokens_per_s"])
+        report["train_tokens_per_s_prepared_vs_in_memory"] = spread(ratios)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -18,7 +18,11 @@ def test_prepared_data_benchmark_smoke():
                         "--smoke"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["prepare"]["encode_batch_mb_s"] > 0
-    assert {"train_small_prepared", "train_large_prepared", "train_small_in_memory"} <= \
-        set(report)
-    assert all(report[k]["peak_rss_mb"] > 0 for k in report if k.startswith("train"))
+    enc = report["prepare_vs_encode_batch"]
+    assert len(enc["prepare_mb_s"]) == len(enc["encode_batch_mb_s"]) == 1  # --smoke: 1 pair
+    assert min(enc["prepare_mb_s"] + enc["encode_batch_mb_s"]) > 0
+    rss = report["peak_rss_mb"]
+    assert rss["small_prepared"] > 0 and rss["large_prepared"] > 0
+    assert rss["difference"] == pytest.approx(rss["large_prepared"] - rss["small_prepared"],
+                                              abs=0.11)
+    assert report["train_tokens_per_s_prepared_vs_in_memory"].endswith("]")
