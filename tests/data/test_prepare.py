@@ -111,6 +111,30 @@ def test_formats_read_the_same_documents(tmp_path, name):
     assert manifest["documents"] == len(texts)
 
 
+@pytest.mark.parametrize("name", ["c.jsonl", "c.jsonl.gz", "c.txt.gz"])
+def test_training_reads_records_as_prepare_does(tmp_path, name):
+    """`himoe train --data_file c.jsonl` (no prepare): one document per record, and the
+    corpus's identity is the prepared directory's, so the two paths name the same corpus."""
+    texts = [f"record {i}: {PLAY}" for i in range(4)]
+    path = tmp_path / name
+    if ".txt" in name:
+        path.write_bytes(gzip.compress(texts[0].encode()))
+        texts = texts[:1]
+    else:
+        write_jsonl(path, texts, compress=name.endswith(".gz"))
+    corpus = open_corpus(path)
+    assert corpus.texts == texts
+    assert corpus.sha256() == quiet_prepare(path, tmp_path / "p")["corpus_sha256"]
+
+
+def test_training_on_a_bad_record_points_to_prepare(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": PLAY}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    code, _, err = himoe(["train", "--data_file", path, "--model_dir", tmp_path / "m"], capsys)
+    assert_one_line_error(code, err, "line 2: has no field 'text'")
+    assert "himoe prepare" in err and "--text_field" in err
+
+
 def test_parquet_with_pyarrow(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -177,6 +177,12 @@ def resolve_paths(spec: str | Path | None) -> list[Path]:
     return [path]  # load_corpus explains a missing path
 
 
+JSON_LINES = (".jsonl", ".json")
+PARQUET = ".parquet"
+# Files that hold records (or compressed text) rather than one plain text each.
+RECORD_SUFFIXES = (*JSON_LINES, PARQUET, ".gz")
+
+
 def load_documents(spec: str | Path | None) -> Corpus:
     """Every document of --data_file, read and checked (empty, binary, not UTF-8)."""
     paths = resolve_paths(spec)
@@ -184,9 +190,20 @@ def load_documents(spec: str | Path | None) -> Corpus:
     total = sum(check_corpus_file(p) for p in paths)
     if total > MAX_CORPUS_BYTES:
         raise too_large(f"{spec} ({len(paths)} files)", total)
-    texts = [load_corpus(p)[0] for p in paths]
     source = str(spec) if spec is not None else str(paths[0])
-    return Corpus(source, paths, texts)
+    if all(p.suffix.lower() not in RECORD_SUFFIXES for p in paths):
+        return Corpus(source, paths, [load_corpus(p)[0] for p in paths])
+    # JSON lines, Parquet or gzip: read as `himoe prepare` reads them, a document per record,
+    # each named as prepare names it so that both paths give the corpus one identity.
+    from himoe.data.formats import BadRecords, read_documents  # formats imports this module
+
+    how = (f"or prepare the corpus with `himoe prepare --data_file {spec} --out DIR` (there "
+           "--text_field and --skip_bad_records apply) and train on DIR")
+    docs = list(read_documents(spec, bad=BadRecords(instead=how)))
+    if not docs:
+        raise UserError(f"--data_file {spec} holds no documents; put each text in a \"text\" "
+                        f"field, {how}")
+    return Corpus(source, [Path(d.name) for d in docs], [d.text for d in docs])
 
 
 # --- tokenising, with a cache ---

@@ -23,11 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from himoe.data.documents import check_corpus_file, resolve_paths
+from himoe.data.documents import JSON_LINES, PARQUET, check_corpus_file, resolve_paths
 from himoe.errors import UserError
 
-JSON_LINES = (".jsonl", ".json")
-PARQUET = ".parquet"
 PARQUET_EXTRA = "pip install 'himoe[parquet]'"
 
 
@@ -44,8 +42,13 @@ class BadRecords:
     skip: bool = False
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    # The fix to print in place of the record's own and --skip_bad_records, for a command
+    # without those flags (training on a JSON lines file).
+    instead: str | None = None
 
     def report(self, where: str, problem: str, fix: str) -> None:
+        if self.instead:
+            raise UserError(f"{where}: {problem}; fix it, {self.instead}")
         if not self.skip:
             raise UserError(f"{where}: {problem}; {fix}, or pass --skip_bad_records to leave "
                             "such records out")
