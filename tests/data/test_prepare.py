@@ -78,9 +78,14 @@ def test_prepared_bpe_directory_trains_with_its_tokenizer(tmp_path, capsys):
                          capsys)
     assert code == 0, err
     assert (tmp_path / "m" / "tokenizer.json").is_file()  # the run took the BPE tokenizer
-    code, stdout, err = himoe(["eval", "--model_dir", tmp_path / "m", "--data_file", out,
-                               "--device", "cpu"], capsys)
-    assert code == 0, err
+    reports = []  # eval streams the prepared shards; the figures are the text files' own
+    for data in (out, docs):
+        code, _, err = himoe(["eval", "--model_dir", tmp_path / "m", "--data_file", data,
+                              "--device", "cpu", "--json", tmp_path / "r.json"], capsys)
+        assert code == 0, err
+        reports.append(json.loads((tmp_path / "r.json").read_text()))
+    for key in ("tokens", "predicted_tokens", "bytes", "loss", "layers"):
+        assert reports[0][key] == reports[1][key], key
 
 
 def test_large_vocabulary_uses_uint32():

@@ -189,13 +189,14 @@ class PreparedCorpus:
         check_split_sizes(self.source, len(train), len(val), block_size)
         return train, val
 
-    def all_tokens(self) -> torch.Tensor:
-        """Every document's ids in one tensor, in memory (evaluation reads them all)."""
-        return TokenView(self.shards, [(0, int(self.offsets[-1]))]).tensor()
+    def all_tokens(self) -> TokenView:
+        """Every document's ids, read from the shards as they are taken, so that evaluating
+        a corpus larger than memory streams it."""
+        return TokenView(self.shards, [(0, int(self.offsets[-1]))])
 
     def text(self) -> str:
         """The corpus decoded back (for an analysis that reads text, not ids)."""
-        return self.tokenizer().decode(self.all_tokens().tolist())
+        return self.tokenizer().decode(self.all_tokens().tensor().tolist())
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a model whose tokenizer is not the one the corpus was prepared with."""

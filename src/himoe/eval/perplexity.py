@@ -61,8 +61,9 @@ def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> d
         if spans[-1][1] < S:
             batches.append(([spans[-1][0]], spans[-1][1]))
         for starts, length in batches:
-            x_BT = torch.stack([ids[s:s + length] for s in starts]).to(device)
-            y_BT = torch.stack([ids[s + 1:s + 1 + length] for s in starts]).to(device)
+            # take: a tensor's elements, or a prepared corpus's read from its shards
+            pos_BT = torch.tensor(starts).unsqueeze(1) + torch.arange(length)
+            x_BT, y_BT = ids.take(pos_BT).to(device), ids.take(pos_BT + 1).to(device)
             with autocast(device, dtype):
                 logits_BTV, _ = model(x_BT)
             nats = F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten(),
@@ -75,7 +76,8 @@ def evaluate_text(model, tokenizer, corpus, batch_size: int, device, dtype) -> d
             bar.update(len(starts))
     model.train(was_training)
     # The first token is context only: its bytes are not predicted.
-    n_bytes = kept_bytes - len(tokenizer.decode(ids[:1].tolist()).encode("utf-8"))
+    first = tokenizer.decode(ids.take(torch.tensor([0])).tolist())
+    n_bytes = kept_bytes - len(first.encode("utf-8"))
     loss = total_nats / predicted
     return {"data_file": corpus.source, "documents": n_docs, "tokens": len(ids),
             "predicted_tokens": predicted, "bytes": n_bytes, "loss": loss,
