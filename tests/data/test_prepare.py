@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from himoe.data import shards
+from himoe.data import formats, shards
+from himoe.data import prepare as prepare_module
 from himoe.data.batches import get_batch
 from himoe.data.corpora import new_tokenizer, open_corpus, token_splits
 from himoe.data.documents import default_corpus_path
@@ -27,11 +28,22 @@ def quiet_prepare(spec, out, tokenizer="char", **kw):
     return prepare(spec, tokenizer, out, bpe_vocab_size=300, err=io.StringIO(), **kw)
 
 
+def stream_small_files(monkeypatch, piece_chars=40):
+    """prepare reads every text file piece by piece, in reads of 7 bytes (a UTF-8 character
+    can straddle two): how it reads a file too large to hold."""
+    monkeypatch.setattr(formats, "STREAM_BYTES", 16)
+    monkeypatch.setattr(formats, "READ_BYTES", 7)
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", piece_chars)
+
+
 @pytest.mark.parametrize("tokenizer", ["char", "bpe"])
-@pytest.mark.parametrize("layout", ["one file", "directory"])
-def test_prepared_tokens_and_batches_match_in_memory(tmp_path, tokenizer, layout):
+@pytest.mark.parametrize("layout", ["one file", "directory", "one file, streamed"])
+def test_prepared_tokens_and_batches_match_in_memory(tmp_path, tokenizer, layout,
+                                                     monkeypatch):
     docs = make_docs(tmp_path, 12)
-    spec = docs / "play_01.txt" if layout == "one file" else docs
+    spec = docs if layout == "directory" else docs / "play_01.txt"
+    if layout.endswith("streamed"):
+        stream_small_files(monkeypatch)
     out = tmp_path / "prepared"
     manifest = quiet_prepare(spec, out, tokenizer, shard_tokens=41)  # windows cross shards
     assert len(manifest["shards"]) >= 3 and manifest["dtype"] == "<u2"
@@ -86,6 +98,33 @@ def test_prepared_bpe_directory_trains_with_its_tokenizer(tmp_path, capsys):
         reports.append(json.loads((tmp_path / "r.json").read_text()))
     for key in ("tokens", "predicted_tokens", "bytes", "loss", "layers"):
         assert reports[0][key] == reports[1][key], key
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_streamed_file_prepares_as_a_read_one(tmp_path, tokenizer, monkeypatch):
+    text = "Ophélie — ô ciel!\nHam. Ay, madam… 𝄞 it is.\n" * 40
+    (tmp_path / "play.txt").write_text(text, encoding="utf-8")
+    whole = quiet_prepare(tmp_path / "play.txt", tmp_path / "whole", tokenizer)
+    stream_small_files(monkeypatch, piece_chars=30)
+    streamed = quiet_prepare(tmp_path / "play.txt", tmp_path / "streamed", tokenizer)
+    for key in ("tokens", "bytes", "corpus_sha256", "shards", "offsets", "vocab"):
+        assert streamed.get(key) == whole.get(key), key
+    if tokenizer == "bpe":
+        assert (tmp_path / "streamed" / "tokenizer.json").read_bytes() == \
+            (tmp_path / "whole" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("bad, needle", [(b"\xff", "not valid UTF-8 (near byte 30)"),
+                                         (b"\x00", "looks binary (NUL byte near byte 30)"),
+                                         (b"\xc3", "ends inside a UTF-8 character")])
+def test_a_streamed_file_with_bad_bytes_is_one_line(tmp_path, capsys, monkeypatch, bad,
+                                                    needle):
+    stream_small_files(monkeypatch)
+    path = tmp_path / "play.txt"
+    path.write_bytes(b"a" * 30 + bad + (b"" if bad == b"\xc3" else b"b" * 30))
+    code, _, err = himoe(["prepare", "--data_file", path, "--out", tmp_path / "o"], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
 
 
 def test_large_vocabulary_uses_uint32():

@@ -16,6 +16,7 @@ is left out and counted in BadRecords.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -23,16 +24,51 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from himoe.data.documents import JSON_LINES, PARQUET, check_corpus_file, resolve_paths
+from himoe.data.documents import JSON_LINES, PARQUET, check_corpus_file, chunks, resolve_paths
 from himoe.errors import UserError
 
 PARQUET_EXTRA = "pip install 'himoe[parquet]'"
 
 
+STREAM_BYTES = 1 << 26  # a text file above this is read piece by piece (read_documents)
+READ_BYTES = 1 << 24  # one read of such a file
+
+
 @dataclass
 class Document:
     name: str  # the file, and the line or row within it where a file holds several
-    text: str
+    text: str | None  # None: a text file too large to hold, read by pieces() from `path`
+    path: Path | None = None
+
+    def pieces(self, size: int) -> Iterator[str]:
+        """The text in pieces of about `size` characters, cut only where a cut changes no
+        token, so that encoding the pieces gives the text's own ids."""
+        if self.text is not None:
+            yield from chunks(self.text, size)
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        carry, done = "", 0  # text not yet cut off; bytes read before this block
+        with _open(self.path) as f:
+            while block := f.read(READ_BYTES):
+                if b"\x00" in block:
+                    raise UserError(f"{self.path} looks binary (NUL byte near byte "
+                                    f"{done + block.index(0)}); pass UTF-8 text")
+                try:
+                    text = carry + decoder.decode(block)
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{self.path} is not valid UTF-8 (near byte {done + e.start}"
+                                    f"); convert it, for example with `iconv -t UTF-8 "
+                                    f"{self.path}`") from None
+                done += len(block)
+                *ready, carry = chunks(text, size)  # the last piece may grow: keep it
+                yield from ready
+            try:
+                carry += decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise UserError(f"{self.path} ends inside a UTF-8 character; convert it or cut "
+                                "it at a character boundary") from None
+        if carry:
+            yield carry
 
 
 @dataclass
@@ -72,9 +108,11 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
 
 
-def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None
-                   ) -> Iterator[Document]:
-    """Every document of --data_file SPEC, in a fixed order (files sorted by path)."""
+def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None,
+                   stream: bool = False) -> Iterator[Document]:
+    """Every document of --data_file SPEC, in a fixed order (files sorted by path). stream:
+    a plain text file over STREAM_BYTES is not read here but by its Document's pieces()
+    (where a bad byte stops the read: one file is one document, there is nothing to skip)."""
     bad = bad if bad is not None else BadRecords()
     paths = resolve_paths(spec)
     for path in paths:
@@ -86,6 +124,9 @@ def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None
                 yield from _json_lines(path, text_field, bad)
             elif kind == "parquet":
                 yield from _parquet(path, text_field, bad)
+            elif stream and path.suffix.lower() != ".gz" and \
+                    path.stat().st_size > STREAM_BYTES:
+                yield Document(str(path), None, path)
             else:
                 doc = _text_file(path, bad)
                 if doc is not None:

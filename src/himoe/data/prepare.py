@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from himoe.checkpoint.atomic_dir import fsync_dir, is_dead_temp
 from himoe.data import shards
-from himoe.data.documents import chunks, val_indices
+from himoe.data.documents import val_indices
 from himoe.data.formats import BadRecords, Document, read_documents
 from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer
 from himoe.errors import UserError
@@ -45,6 +45,7 @@ class Survey:
 
     documents: int = 0
     bytes: int = 0
+    first_chars: int = 0  # of the first document (a one-document corpus splits by them)
     chars: set | None = None  # char tokenizer only
     corpus_sha256: str = ""
 
@@ -57,19 +58,19 @@ def prepare(spec, tokenizer: str, out, bpe_vocab_size: int = 2048, text_field: s
     if out.exists():
         raise UserError(f"--out {out} already exists; remove it or pick another --out")
     bad = BadRecords(skip=skip_bad)
-    survey = _survey(read_documents(spec, text_field, bad), tokenizer == "char")
+    survey = _survey(read_documents(spec, text_field, bad, stream=True), tokenizer == "char")
     if survey.documents == 0:
         raise UserError(f"--data_file {spec} holds no documents; check --text_field "
                         f"{text_field!r} and the files")
     quiet = BadRecords(skip=True)  # later passes meet the same bad records again
 
     def documents() -> Iterator[Document]:
-        return read_documents(spec, text_field, quiet)
+        return read_documents(spec, text_field, quiet, stream=True)
 
     if tokenizer == "char":
         tok = CharTokenizer(sorted(survey.chars))
     else:
-        tok = BPETokenizer.train(_training_texts(documents(), survey.documents), bpe_vocab_size)
+        tok = BPETokenizer.train(_training_texts(documents(), survey), bpe_vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temps(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -98,27 +99,38 @@ def _survey(docs: Iterator[Document], collect_chars: bool) -> Survey:
     survey = Survey(chars=set() if collect_chars else None)
     multi, first = hashlib.sha256(), None
     for doc in docs:
-        data = doc.text.encode("utf-8")
-        digest = hashlib.sha256(data).hexdigest()
+        doc_hash, n_chars = hashlib.sha256(), 0
+        for piece in doc.pieces(PIECE_CHARS):
+            data = piece.encode("utf-8")
+            doc_hash.update(data)
+            survey.bytes += len(data)
+            n_chars += len(piece)
+            if collect_chars:
+                survey.chars.update(piece)
+        digest = doc_hash.hexdigest()
         # The in-memory corpus's identity (documents.Corpus.sha256), so both agree.
         multi.update(f"{Path(doc.name).name}\0{digest}\0".encode())
-        first = first or digest
+        if first is None:
+            first, survey.first_chars = digest, n_chars
         survey.documents += 1
-        survey.bytes += len(data)
-        if collect_chars:
-            survey.chars.update(doc.text)
     survey.corpus_sha256 = first if survey.documents == 1 else multi.hexdigest()
     return survey
 
 
-def _training_texts(docs: Iterator[Document], n: int) -> Iterator[str]:
+def _training_texts(docs: Iterator[Document], survey: Survey) -> Iterator[str]:
     """The text a BPE tokenizer is fitted to: Corpus.tokenizer_texts, streamed."""
+    n = survey.documents
     val = set(val_indices(n))
     for i, doc in enumerate(docs):
-        if n == 1:
-            yield doc.text[: len(doc.text) - len(doc.text) // 10]
+        if n == 1:  # its first 90% of characters
+            left = survey.first_chars - survey.first_chars // 10
+            for piece in doc.pieces(PIECE_CHARS):
+                if left <= 0:
+                    break
+                yield piece[:left]
+                left -= len(piece)
         elif i not in val:
-            yield doc.text
+            yield from doc.pieces(PIECE_CHARS)
 
 
 def _write(tmp: Path, docs: Iterator[Document], tok, survey: Survey, shard_tokens: int,
@@ -165,9 +177,10 @@ def _encode_char(tok: CharTokenizer, docs: Iterator[Document]):
     order = np.argsort(points)
     sorted_points, ids_by_order = points[order], order.astype(np.int64)
     for i, doc in enumerate(docs):
-        text_points = np.frombuffer(doc.text.encode("utf-32-le"), dtype="<u4")
-        yield i, ids_by_order[np.searchsorted(sorted_points, text_points)], \
-            len(doc.text.encode("utf-8"))
+        for piece in doc.pieces(PIECE_CHARS):
+            text_points = np.frombuffer(piece.encode("utf-32-le"), dtype="<u4")
+            yield i, ids_by_order[np.searchsorted(sorted_points, text_points)], \
+                len(piece.encode("utf-8"))
 
 
 def _encode_bpe(tok: BPETokenizer, docs: Iterator[Document]):
@@ -176,7 +189,7 @@ def _encode_bpe(tok: BPETokenizer, docs: Iterator[Document]):
     batch: list[tuple[int, str]] = []
     size = 0
     for i, doc in enumerate(docs):
-        for piece in chunks(doc.text, PIECE_CHARS):
+        for piece in doc.pieces(PIECE_CHARS):
             batch.append((i, piece))
             size += len(piece)
             if size >= BATCH_BYTES:
