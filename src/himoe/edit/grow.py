@@ -16,9 +16,15 @@ from pathlib import Path
 import torch
 
 from himoe.checkpoint import card as checkpoint
-from himoe.checkpoint import card_layout, safe_path
+from himoe.checkpoint import card_layout
 from himoe.config import HiMoEConfig
-from himoe.edit.slots import moved_train_state, resized_config
+from himoe.edit.slots import (
+    Sources,
+    group_router,
+    moved_train_state,
+    resized_config,
+    resized_writers,
+)
 from himoe.edit.surgery import current_manifest, rewrite, torch_writer
 from himoe.errors import UserError
 from himoe.model.routers.registry import BALANCE_BIAS, WEIGHT, router_spec
@@ -69,11 +75,15 @@ def widened_router(sd: dict, source: int | None, gen: torch.Generator) -> dict:
     return out
 
 
+def same_places(cfg: HiMoEConfig) -> Sources:
+    """Every expert of cfg keeps its (group, index); a new one comes after them."""
+    return lambda layer, g: list(range(cfg.group_sizes(layer)[g]))
+
+
 def grown_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig) -> dict:
     """train_state.pt with the optimiser's moments moved to the new slot layout: every
     expert keeps its (group, index), the new one starts at zero."""
-    return moved_train_state(state, old, new,
-                             lambda layer, g: list(range(old.group_sizes(layer)[g])))
+    return moved_train_state(state, old, new, same_places(old))
 
 
 def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) -> str:
@@ -96,10 +106,7 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
     gen = torch.Generator().manual_seed(seed)
     expert_rel = card_layout.expert_file(cfg, L, G, size)
     router_rel = card_layout.group_router_file(cfg, L, G)
-    router = checkpoint.load_weight_file(model_dir, router_rel)
-    if WEIGHT not in router or router[WEIGHT].shape[0] != size:
-        raise UserError(f"{model_dir / router_rel} does not hold the {size}-row router of its "
-                        "group; restore it before adding an expert")
+    router = group_router(model_dir, cfg, L, G)
     if source is None:
         expert_writer = torch_writer(new_expert_state(cfg, gen))
     else:  # bytes as they are: an int8 expert stays int8
@@ -107,12 +114,7 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
                                                                                   source))
     writers = {expert_rel: expert_writer,
                router_rel: torch_writer(widened_router(router, source, gen)),
-               checkpoint.CONFIG_FILE: lambda f: f.write(
-                   checkpoint.config_bytes(new_cfg, vocab, step))}
-    if safe_path.lstat(model_dir, checkpoint.TRAIN_STATE_FILE) is not None:
-        state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE, plain=False)
-        writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(grown_train_state(state, cfg,
-                                                                              new_cfg))
+               **resized_writers(model_dir, cfg, new_cfg, vocab, step, same_places(cfg))}
     rewrite(model_dir, writers)
     how = "random initialisation" if source is None else f"a copy of expert {source + 1}"
     return (f"added expert {size + 1} to group {group} of layer {layer} ({how}): wrote "

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from himoe.checkpoint import card_layout
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import card_layout, safe_path
 from himoe.config import HiMoEConfig
+from himoe.edit.surgery import torch_writer
+from himoe.errors import UserError
 from himoe.model import HiMoEModel
+from himoe.model.routers.registry import WEIGHT
 from himoe.training.optim import build_optimizer
 
 Sources = Callable[[int, int], list[int | None]]
@@ -66,3 +71,27 @@ def moved_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig,
                         if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
                         for k, v in slot_state.items()}
     return state | {"optimizer": state["optimizer"] | {"state": moved}}
+
+
+def group_router(model_dir: Path, cfg: HiMoEConfig, layer: int, group: int) -> dict:
+    """The router file of group `group` of layer `layer` (0-based), checked to hold one row
+    per expert of the group."""
+    size, rel = cfg.group_sizes(layer)[group], card_layout.group_router_file(cfg, layer, group)
+    sd = checkpoint.load_weight_file(model_dir, rel)
+    if WEIGHT not in sd or sd[WEIGHT].shape[0] != size:
+        raise UserError(f"{Path(model_dir) / rel} does not hold the {size}-row router of its "
+                        "group; restore it before changing the group's experts")
+    return sd
+
+
+def resized_writers(model_dir: Path, old: HiMoEConfig, new: HiMoEConfig, vocab: list[str],
+                    step: int, sources: Sources) -> dict:
+    """The writers of config.json and, where the model has one, train_state.pt (moments
+    moved by sources) for a model whose groups change size from `old` to `new`."""
+    writers = {checkpoint.CONFIG_FILE: lambda f: f.write(checkpoint.config_bytes(new, vocab,
+                                                                                 step))}
+    if safe_path.lstat(model_dir, checkpoint.TRAIN_STATE_FILE) is not None:
+        state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE, plain=False)
+        writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(moved_train_state(state, old, new,
+                                                                              sources))
+    return writers
