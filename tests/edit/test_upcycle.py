@@ -56,8 +56,9 @@ def test_without_noise_the_moe_computes_the_dense_logits(given):
 
 def test_the_step0_weight_is_the_uniform_routing_weight():
     _, dense_cfg = dense_model()
-    for given, w0 in (({}, 1 / 12), (dict(top_k_groups=2, top_k_experts=2), 4 / 12),
-                      (dict(router="topk", top_k_experts=2), 2 / 12),
+    # Routing starts from himoe's defaults (6 groups x 8 experts), not the dense config's.
+    for given, w0 in (({}, 1 / 48), (dict(top_k_groups=2, top_k_experts=2), 4 / 48),
+                      (dict(router="topk", top_k_experts=2), 2 / 48),
                       (dict(router="topk", top_k_experts=2, renormalize=True), 1.0),
                       (dict(router="grouped"), 1.0)):
         assert step0_weight(upcycled_config(dense_cfg, given)) == pytest.approx(w0, rel=1e-6)

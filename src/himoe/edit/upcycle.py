@@ -38,16 +38,23 @@ import torch
 
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint import card_layout, safe_path
-from himoe.config import HiMoEConfig
+from himoe.config import HiMoEConfig, ModelConfig
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.model.routers.registry import build_router, router_spec
 from himoe.training.optim import build_optimizer
 from himoe.training.rng import rng_state, seed_everything, set_rng_state
 
+# What the MoE keeps of the dense model's settings: the backbone's shape and the tokenizer.
+# Routing and its losses start from himoe's defaults (a dense model never used its own);
+# training settings (TrainConfig) are the dense model's.
+BACKBONE = ("n_embd", "n_layer", "n_head", "block_size", "dropout", "ffn_mult", "vocab_size",
+            "tokenizer", "bpe_vocab_size")
+
 
 def upcycled_config(dense: HiMoEConfig, given: dict) -> HiMoEConfig:
-    """The MoE's settings: the dense model's, the default router, then the flags given."""
+    """The MoE's settings: the dense model's backbone and training settings, himoe's default
+    routing, then the flags given."""
     spec = router_spec(given.get("router", HiMoEConfig.router))
     if spec.dense:
         raise UserError("--router dense makes no MoE; pick a MoE router, e.g. --router "
@@ -56,9 +63,10 @@ def upcycled_config(dense: HiMoEConfig, given: dict) -> HiMoEConfig:
         raise UserError(f"the {spec.name} router names no gates (RouterSpec.gates), so it "
                         "cannot start out computing the dense model's function; upcycle "
                         "to hierarchical, grouped, topk or group_limited")
-    fresh = dict(router=HiMoEConfig.router, preset="", expert_hidden=0, group_experts=None,
-                 expert_index_map=None)
-    cfg = dataclasses.replace(dense, **fresh | given).validate()
+    defaults = HiMoEConfig()
+    routing = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(ModelConfig)
+               if f.name not in BACKBONE}
+    cfg = dataclasses.replace(dense, **routing | given).validate()
     routed = dense.ffn_hidden - cfg.shared_hidden
     if routed <= 0:
         raise UserError(f"the dense FFN has {dense.ffn_hidden} hidden units and the shared "
