@@ -53,11 +53,12 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     """One table row per expert and router file; layers: evaluate()'s per-layer figures."""
     from himoe.checkpoint.card import load_weight_file
     from himoe.checkpoint.quantize import dequantize_state
+    from himoe.edit.prune import expert_shares
     from himoe.edit.specs import describe_file, weight_files
 
     # Router buffers (balancing biases, logit EMA) are state, not parameters.
     buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {BALANCE_BIAS}
-    M = cfg.num_experts
+    shares = expert_shares(layers, cfg)
     rows = []
     for rel in weight_files(cfg):
         if rel == "backbone.pt":
@@ -67,7 +68,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
         layer, group, expert = describe_file(rel, cfg)
         fig = layers[layer - 1]
         if expert is not None:
-            share = fig["expert_share"][(group - 1) * M + expert - 1]
+            share = shares[layer - 1, group - 1, expert - 1]
         elif group is not None:
             share = fig["group_share"][group - 1]  # the tokens this group's router routes
         else:

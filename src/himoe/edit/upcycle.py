@@ -172,10 +172,13 @@ def upcycle(from_dir: Path, model_dir: Path, given: dict, noise: float, seed: in
             checkpoint.METRICS_FILE: "", **tokenizer.files()})
     total, active = model.parameter_counts()
     how = f", perturbed by noise {noise} (seed {seed})" if noise else ""
+    drops = (f" (note: --capacity_factor {cfg.capacity_factor} drops the assignments over an "
+             "expert's capacity, so step 0 is not exactly the dense model)"
+             if cfg.capacity_factor else "")
     shared = (f"the shared expert its first {cfg.shared_hidden} hidden units, "
               if cfg.shared_hidden else "")
     return (f"upcycled {from_dir} (dense, step {step}) into {model_dir}: {cfg.n_layer} layer(s) "
             f"of {cfg.num_moes} groups x {cfg.num_experts} experts ({cfg.router} router), "
             f"{shared}every routed expert its other {cfg.ffn_hidden}{how}; {total / 1e6:.2f}M "
             f"parameters, {active / 1e6:.2f}M active. Step 0: continue with `himoe train "
-            f"--model_dir {model_dir} --resume --max_iters K`")
+            f"--model_dir {model_dir} --resume --max_iters K`{drops}")
