@@ -95,6 +95,10 @@ class ModelConfig(_Section):
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
     group_experts: list[list[int]] | None = setting(None, "", shape=True, no_flag=True)
+    # Per layer and group, where `himoe experts prune` moved each expert: position i holds
+    # the index (1-based) now held by the expert that had index i + 1 before the first
+    # prune, 0 where it was removed. None: never pruned.
+    expert_index_map: list[list[list[int]]] | None = setting(None, "", no_flag=True)
     preset: str = setting("", "routing and losses of a source design (README: Presets); "
                           "flags override it")
     # The tokenizer belongs to the model: its vocabulary is the embedding's rows.
@@ -349,6 +353,10 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
         problem = _group_experts_problem(cfg, flag)
         if problem is not None:
             return problem, "restore config.json"
+    if cfg.expert_index_map is not None:
+        problem = _expert_index_map_problem(cfg)
+        if problem is not None:
+            return problem, "restore config.json"
     memory = machine_memory()
     weight_bytes = 4 * cfg.parameter_estimate()  # float32, as built before any cast
     if memory is not None and weight_bytes > memory:
@@ -377,6 +385,25 @@ def _group_experts_problem(cfg: HiMoEConfig, flag) -> str | None:
         return (f"{flag('top_k_experts')} {cfg.top_k_experts} is larger than the smallest "
                 "group")
     return None
+
+
+def _expert_index_map_problem(cfg: HiMoEConfig) -> str | None:
+    rows = cfg.expert_index_map
+    if len(rows) == cfg.n_layer and all(
+            isinstance(row, list) and len(row) == cfg.num_moes and
+            all(_is_index_map(new, size) for new, size in zip(row, cfg.group_sizes(layer)))
+            for layer, row in enumerate(rows)):
+        return None
+    return (f"expert_index_map must list, for each of the {cfg.n_layer} layers and each of "
+            f"its {cfg.num_moes} groups, the current index of each original expert (0: "
+            "pruned), no index twice")
+
+
+def _is_index_map(new, size: int) -> bool:
+    if not isinstance(new, list) or not all(type(n) is int and 0 <= n <= size for n in new):
+        return False
+    kept = [n for n in new if n]
+    return len(set(kept)) == len(kept)
 
 
 def machine_memory() -> int | None:

@@ -22,7 +22,8 @@ def imported(argv: list[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["generate", "--help"],
-                                  ["experts", "list", "--help"], ["export-hf", "--help"]])
+                                  ["experts", "list", "--help"], ["export-hf", "--help"],
+                                  ["experts", "prune", "--help"], ["upcycle", "--help"]])
 def test_help_imports_no_torch(argv):
     names = imported(argv)
     assert "himoe" in names  # the parse worked: the list is real

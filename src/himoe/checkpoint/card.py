@@ -194,6 +194,25 @@ def check_new_model_dir(model_dir: Path, force: bool) -> None:
                         "even with --force): pick a new or empty folder")
 
 
+def new_model_dir_lock(model_dir: Path, force: bool,
+                       acquire: bool = True) -> atomic_dir.WriterLock:
+    """The writer lock of the directory a new model goes into, held when `acquire`. What
+    would refuse the directory is checked before the lock file is made in it, and the
+    overwrite check again under the lock."""
+    check_new_model_dir(model_dir, force)
+    if model_dir.exists():  # nothing planted that a save would write through
+        safe_path.check_tree(model_dir)
+    lock = atomic_dir.WriterLock(model_dir, create=True)
+    if acquire:
+        lock.acquire()
+        try:
+            check_new_model_dir(model_dir, force)
+        except UserError:
+            lock.release()
+            raise
+    return lock
+
+
 def writing(model_dir: Path) -> atomic_dir.WriterLock:
     """The writer lock of an existing model directory, for a command that changes it (used
     as `with writing(d):`). Refused before the lock file is made when d is no model."""

@@ -1,7 +1,7 @@
 """The `himoe` command line: prepare | train | generate | verify | bench | eval | analyze |
-experts | chat | export-hf, one module each. Building the parser imports only the standard
-library and himoe's config, so `himoe --help` starts fast; a command imports torch when it
-runs. Bad input exits 2 with one line."""
+experts | chat | export-hf | upcycle, one module each. Building the parser imports only the
+standard library and himoe's config, so `himoe --help` starts fast; a command imports torch
+when it runs. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from himoe.cli import (
     generate,
     prepare,
     train,
+    upcycle,
     verify,
 )
 from himoe.cli.options import Parser
 from himoe.errors import UserError
 
-COMMANDS = (prepare, train, generate, verify, bench, experts, analyze, eval, chat, export_hf)
+COMMANDS = (prepare, train, generate, verify, bench, experts, analyze, eval, chat, export_hf,
+            upcycle)
 
 
 def build_parser() -> Parser:

@@ -1,4 +1,5 @@
-"""`himoe experts list | add | swap | quantize`: look at and change single expert and router files.
+"""`himoe experts list | add | swap | quantize | prune`: look at and change single expert and
+router files.
 
 Heavy imports (torch, the model) happen inside the commands, so that a bad flag is refused
 at once.
@@ -6,6 +7,7 @@ at once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -20,18 +22,25 @@ def load_for_eval(model_dir: Path, device_flag: str, data_file: str | None):
     """(model, cfg, vocab, step, val_ids, corpus path, device, dtype): a saved model and the
     validation split it was trained on, as training.evaluation.evaluate wants them."""
     from himoe.checkpoint.card import load_model
-    from himoe.data.tokenizers import tokenizer_for
-    from himoe.data.validation import validation_split
     from himoe.training.device import resolve_device
 
     model, cfg, vocab, step = load_model(Path(model_dir))
     # The saved run's dtype on the device asked for now.
     device, dtype = resolve_device(dataclasses.replace(cfg.run, device=device_flag))
+    val, path = validation_data(model_dir, cfg, vocab, data_file)
+    return model.to(device), cfg, vocab, step, val, path, device, dtype
+
+
+def validation_data(model_dir: Path, cfg, vocab: list[str], data_file: str | None):
+    """(validation token ids, corpus label) of the corpus a saved model was trained on."""
+    from himoe.data.tokenizers import tokenizer_for
+    from himoe.data.validation import validation_split
+
     val, path, dropped = validation_split(cfg, tokenizer_for(cfg, vocab, model_dir), data_file)
     if dropped:
         print(f"himoe: note: skipped {dropped} characters of {path} that are outside the "
               "model's vocabulary", file=sys.stderr)
-    return model.to(device), cfg, vocab, step, val, path, device, dtype
+    return val, path
 
 
 def _dtype_name(sd: dict) -> str:
@@ -44,11 +53,12 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     """One table row per expert and router file; layers: evaluate()'s per-layer figures."""
     from himoe.checkpoint.card import load_weight_file
     from himoe.checkpoint.quantize import dequantize_state
+    from himoe.edit.prune import expert_shares
     from himoe.edit.specs import describe_file, weight_files
 
     # Router buffers (balancing biases, logit EMA) are state, not parameters.
     buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {BALANCE_BIAS}
-    M = cfg.num_experts
+    shares = expert_shares(layers, cfg)
     rows = []
     for rel in weight_files(cfg):
         if rel == "backbone.pt":
@@ -58,7 +68,7 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
         layer, group, expert = describe_file(rel, cfg)
         fig = layers[layer - 1]
         if expert is not None:
-            share = fig["expert_share"][(group - 1) * M + expert - 1]
+            share = shares[layer - 1, group - 1, expert - 1]
         elif group is not None:
             share = fig["group_share"][group - 1]  # the tokens this group's router routes
         else:
@@ -175,10 +185,115 @@ def cmd_add(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from himoe.checkpoint.card import writing
+
+    with writing(Path(args.model_dir)):
+        return _prune(args)
+
+
+def _prune(args) -> int:
+    from himoe.checkpoint import card_layout, safe_path
+    from himoe.checkpoint.card import TRAIN_STATE_FILE, load_model, read_config
+    from himoe.cli.table import format_table
+    from himoe.edit import prune
+    from himoe.training.device import resolve_device
+    from himoe.training.evaluation import evaluate
+
+    model_dir = Path(args.model_dir)
+    cfg, vocab, step = read_config(model_dir)
+    prune.check_prunable(cfg, model_dir)
+    chosen = prune.named(args.only, cfg) if args.only else None  # before any work
+    try:
+        val, path = validation_data(model_dir, cfg, vocab, args.data_file)
+    except UserError as e:
+        if chosen is None:
+            raise UserError(f"the experts' shares need the corpus, which cannot be read ({e}); "
+                            "pass --data_file, or name the experts with --only") from None
+        print(f"himoe: note: the corpus cannot be read, so no validation loss ({e})",
+              file=sys.stderr)
+        val = None
+    device, dtype = resolve_device(dataclasses.replace(cfg.run, device=args.device))
+    shares, before = {}, None
+    if val is not None:
+        ev = evaluate(load_model(model_dir, device)[0], val, cfg, device, dtype)
+        shares, before = prune.expert_shares(ev["layers"], cfg), ev["val_loss"]
+    if chosen is None:
+        chosen = (prune.below_share(shares, args.min_share) if args.min_share is not None
+                  else prune.beyond_best(shares, args.keep_per_group))
+    if not chosen:
+        how = (f"--min_share {args.min_share}" if args.min_share is not None
+               else f"--keep_per_group {args.keep_per_group}")
+        raise UserError(f"{how} selects no expert, so there is nothing to prune; `himoe "
+                        "experts list` prints each expert's share")
+    kept = prune.kept_experts(cfg, chosen)
+    rows, gone = [], 0
+    for L, row in enumerate(kept):
+        for g, keep in enumerate(row):
+            for j in range(cfg.group_sizes(L)[g]):
+                size = os.lstat(model_dir / card_layout.expert_file(cfg, L, g, j)).st_size
+                fate = ("prune" if j not in keep else "keep" if keep.index(j) == j
+                        else f"keep as {keep.index(j) + 1}")
+                gone += size if j not in keep else 0
+                share = f"{shares[L, g, j]:.1%}" if shares else "-"
+                rows.append([L + 1, g + 1, j + 1, share, f"{size:,}", fate])
+    where = (f"share = share of the routed assignments of {cfg.eval_iters} validation "
+             f"batch(es) of {path} (val loss {before:.4f})" if val is not None
+             else "no shares (no corpus)")
+    print(f"{model_dir}: step {step}; {where}")
+    print(format_table(["layer", "group", "expert", "share", "bytes", "fate"], rows))
+    total = sum(len(keep) for row in kept for keep in row) + len(chosen)
+    renamed = prune.renamed_files(cfg, kept)
+    verb = "would" if args.dry_run else "will"
+    print(f"{'dry run: ' if args.dry_run else ''}pruning {len(chosen)} of {total} experts "
+          f"({gone:,} bytes), keeping {total - len(chosen)}" +
+          (f"; {len(renamed)} kept expert(s) {verb} move to a lower number, their files "
+           "renamed with their bytes unchanged, and config.json's expert_index_map maps each "
+           "expert's original number to its new one:" if renamed else ""))
+    for src, dst in renamed:
+        print(f"  {src} -> {dst}")
+    if args.dry_run:
+        print("dry run: nothing changed")
+        return 0
+    has_state = safe_path.lstat(model_dir, TRAIN_STATE_FILE) is not None
+    prune.prune(model_dir, cfg, vocab, step, kept)
+    if val is not None:
+        after_model, after_cfg, _, _ = load_model(model_dir, device)
+        after = evaluate(after_model, val, after_cfg, device, dtype)["val_loss"]
+        print(f"validation loss {before:.4f} -> {after:.4f} ({after - before:+.4f}) on "
+              f"{cfg.eval_iters} validation batch(es) of {path}")
+    if has_state:
+        print(f"{TRAIN_STATE_FILE}: the pruned experts' optimiser moments are dropped, the "
+              f"others' moved with their experts; `--resume` goes on from step {step}")
+    print(_verified(model_dir))
+    return 0
+
+
+def share_flag(text: str) -> float:
+    """argparse type of --min_share: a fraction (0.02) or a percentage (2%)."""
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--min_share needs a fraction such as 0.02 or a "
+                                         f"percentage such as 2%, got {text!r}") from None
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"--min_share must be between 0 and 1 (0% and 100%), "
+                                         f"got {text!r}")
+    return share
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
 def add_parser(sub) -> None:
-    experts = sub.add_parser("experts", help="list, swap or quantise single experts and routers")
+    experts = sub.add_parser("experts", help="list, add, swap, quantise or prune single experts "
+                                             "and routers")
     inner = experts.add_subparsers(dest="experts_command", required=True,
-                                   metavar="{list,add,swap,quantize}", parser_class=type(experts))
+                                   metavar="{list,add,swap,quantize,prune}",
+                                   parser_class=type(experts))
 
     def common(p, data=True):
         add_model_dir(p)
@@ -222,3 +337,19 @@ def add_parser(sub) -> None:
                     help="SPEC of the experts to quantise, e.g. layer1.group2,layer2 "
                          "(default: all)")
     qu.set_defaults(func=cmd_quantize)
+
+    pr = inner.add_parser("prune", help="remove experts (and their router rows) by validation "
+                                        "share or by name")
+    common(pr)
+    how = pr.add_mutually_exclusive_group(required=True)
+    how.add_argument("--min_share", "--min-share", type=share_flag, default=None,
+                     help="prune every expert whose share of validation assignments (as "
+                          "`experts list` prints it) is below this, e.g. 0.01 or 1%%")
+    how.add_argument("--keep_per_group", "--keep-per-group", type=positive_int, default=None,
+                     metavar="K", help="keep the K experts of highest share in each group")
+    how.add_argument("--only", default=None, metavar="SPEC",
+                     help="prune the experts named, e.g. layer1.group3.expert2,layer2.group1."
+                          "expert4")
+    pr.add_argument("--dry_run", "--dry-run", action="store_true",
+                    help="print what would go and what stays; change nothing")
+    pr.set_defaults(func=cmd_prune)

@@ -35,12 +35,16 @@ def _flag_type(default, name):
     return convert
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per HiMoEConfig field, card spelling (--num_moes) and dashed (--num-moes).
-    Defaults are suppressed so that we know which flags the user actually gave."""
+def add_config_flags(parser: argparse.ArgumentParser,
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per HiMoEConfig field (only: these fields), card spelling (--num_moes) and
+    dashed (--num-moes). Defaults are suppressed so that we know which flags the user
+    actually gave."""
     defaults = HiMoEConfig()
     for f in dataclasses.fields(HiMoEConfig):
         if f.metadata.get("no_flag"):  # set by the tokenizer, `himoe experts add`
+            continue
+        if only is not None and f.name not in only:
             continue
         flag = f.metadata.get("flag")  # e.g. the BPE target size takes --vocab_size
         names = ([f"--{flag}", f"--{flag.replace('_', '-')}"] if flag else []) + [
@@ -53,9 +57,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{text} (default: {default})")
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """{field: value} of the config flags given on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
+            if hasattr(args, f.name)}
+
+
 def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(HiMoEConfig)
-             if hasattr(args, f.name)}
+    given = given_settings(args)
     if not resume:
         if "bpe_vocab_size" in given and given.get("tokenizer", "char") != "bpe":
             raise UserError("--vocab_size sets the size of a BPE vocabulary; add --tokenizer bpe "

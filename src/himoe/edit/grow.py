@@ -10,20 +10,24 @@ Every other file is copied byte for byte, in one atomic save (himoe.edit.surgery
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import torch
 
 from himoe.checkpoint import card as checkpoint
-from himoe.checkpoint import card_layout, safe_path
+from himoe.checkpoint import card_layout
 from himoe.config import HiMoEConfig
+from himoe.edit.slots import (
+    Sources,
+    group_router,
+    moved_train_state,
+    resized_config,
+    resized_writers,
+)
 from himoe.edit.surgery import current_manifest, rewrite, torch_writer
 from himoe.errors import UserError
-from himoe.model import HiMoEModel
 from himoe.model.routers.registry import BALANCE_BIAS, WEIGHT, router_spec
-from himoe.training.optim import build_optimizer
 
 
 def parse_init(text: str, size: int) -> int | None:
@@ -44,10 +48,7 @@ def grown_config(cfg: HiMoEConfig, layer: int, group: int) -> HiMoEConfig:
     """cfg with one more expert in group `group` of layer `layer` (0-based)."""
     sizes = [cfg.group_sizes(i) for i in range(cfg.n_layer)]
     sizes[layer][group] += 1
-    largest = max(max(row) for row in sizes)
-    uniform = all(n == largest for row in sizes for n in row)
-    return dataclasses.replace(cfg, num_experts=largest,
-                               group_experts=None if uniform else sizes).validate()
+    return resized_config(cfg, sizes)
 
 
 def new_expert_state(cfg: HiMoEConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -74,36 +75,15 @@ def widened_router(sd: dict, source: int | None, gen: torch.Generator) -> dict:
     return out
 
 
-def move_slots(t: torch.Tensor, key: str, old: HiMoEConfig, new: HiMoEConfig,
-               layer: int) -> torch.Tensor:
-    """Tensor `t` of state_dict entry `key`, stacked over layer `layer`'s slots, in the new
-    layout: every expert keeps its (group, index), new slots are zero."""
-    t_NM = card_layout.slots_NM(t, key, old)
-    out_NM = t_NM.new_zeros(new.num_moes, new.num_experts, *t_NM.shape[2:])
-    for g, n in enumerate(old.group_sizes(layer)):
-        out_NM[g, :n] = t_NM[g, :n]
-    return out_NM if card_layout.stacked_NM(key) else out_NM.flatten(0, 1)
+def same_places(cfg: HiMoEConfig) -> Sources:
+    """Every expert of cfg keeps its (group, index); a new one comes after them."""
+    return lambda layer, g: list(range(cfg.group_sizes(layer)[g]))
 
 
 def grown_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig) -> dict:
-    """train_state.pt with the optimiser's moments moved to the new slot layout."""
-    model = HiMoEModel(old)
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    # The optimiser's state_dict numbers parameters in the order of its groups.
-    order = [name_of[id(p)] for group in build_optimizer(model, old).param_groups
-             for p in group["params"]]
-    moved = {}
-    for index, slot_state in state["optimizer"]["state"].items():
-        key = order[index]
-        layer = card_layout.slot_layer(old, key)
-        if layer is None:
-            moved[index] = slot_state
-            continue
-        shape = tuple(model.get_parameter(key).shape)
-        moved[index] = {k: move_slots(v, key, old, new, layer)
-                        if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
-                        for k, v in slot_state.items()}
-    return state | {"optimizer": state["optimizer"] | {"state": moved}}
+    """train_state.pt with the optimiser's moments moved to the new slot layout: every
+    expert keeps its (group, index), the new one starts at zero."""
+    return moved_train_state(state, old, new, same_places(old))
 
 
 def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) -> str:
@@ -126,10 +106,7 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
     gen = torch.Generator().manual_seed(seed)
     expert_rel = card_layout.expert_file(cfg, L, G, size)
     router_rel = card_layout.group_router_file(cfg, L, G)
-    router = checkpoint.load_weight_file(model_dir, router_rel)
-    if WEIGHT not in router or router[WEIGHT].shape[0] != size:
-        raise UserError(f"{model_dir / router_rel} does not hold the {size}-row router of its "
-                        "group; restore it before adding an expert")
+    router = group_router(model_dir, cfg, L, G)
     if source is None:
         expert_writer = torch_writer(new_expert_state(cfg, gen))
     else:  # bytes as they are: an int8 expert stays int8
@@ -137,12 +114,7 @@ def add_expert(model_dir: Path, layer: int, group: int, init: str, seed: int) ->
                                                                                   source))
     writers = {expert_rel: expert_writer,
                router_rel: torch_writer(widened_router(router, source, gen)),
-               checkpoint.CONFIG_FILE: lambda f: f.write(
-                   checkpoint.config_bytes(new_cfg, vocab, step))}
-    if safe_path.lstat(model_dir, checkpoint.TRAIN_STATE_FILE) is not None:
-        state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE, plain=False)
-        writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(grown_train_state(state, cfg,
-                                                                              new_cfg))
+               **resized_writers(model_dir, cfg, new_cfg, vocab, step, same_places(cfg))}
     rewrite(model_dir, writers)
     how = "random initialisation" if source is None else f"a copy of expert {source + 1}"
     return (f"added expert {size + 1} to group {group} of layer {layer} ({how}): wrote "

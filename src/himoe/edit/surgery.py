@@ -46,12 +46,14 @@ def torch_writer(obj):
     return lambda f: torch.save(obj, f)
 
 
-def rewrite(model_dir: Path, new_files: dict) -> None:
+def rewrite(model_dir: Path, new_files: dict, drop: set[str] = frozenset()) -> None:
     """One atomic save of model_dir with new_files ({relative path: writer}) replacing
-    their namesakes; every other file of the current save is kept byte for byte."""
+    their namesakes; every other file of the current save is kept byte for byte, but those
+    in `drop` (weight files the save deletes; new_files may read them while it is staged)."""
     model_dir = Path(model_dir)
     manifest = current_manifest(model_dir)
-    writers = {rel: checkpoint.copy_writer(model_dir, rel) for rel in manifest["files"]}
+    writers = {rel: checkpoint.copy_writer(model_dir, rel) for rel in manifest["files"]
+               if rel not in drop}
     writers.update(new_files)
     try:
         with checkpoint.writing(model_dir):  # held already by the experts commands

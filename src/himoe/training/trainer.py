@@ -140,24 +140,16 @@ class Trainer:
             raise
 
     def _lock_model_dir(self, resume: bool, force: bool) -> atomic_dir.WriterLock:
-        """The writer lock, held until train() ends: a second writer stops at once. What
-        would refuse the directory is checked before the lock file is made in it, and the
-        overwrite check again under the lock."""
+        """The writer lock, held (by the one rank that writes) until train() ends: a second
+        writer stops at once."""
         if not resume:
-            checkpoint.check_new_model_dir(self.model_dir, force)
-        else:
-            checkpoint.read_config(self.model_dir)  # no model there: say so first
-        if self.model_dir.exists():  # nothing planted that a save would write through
-            safe_path.check_tree(self.model_dir)
-        lock = atomic_dir.WriterLock(self.model_dir, create=not resume)
-        if self.parallel.is_main:  # the one rank that writes
+            return checkpoint.new_model_dir_lock(self.model_dir, force,
+                                                 acquire=self.parallel.is_main)
+        checkpoint.read_config(self.model_dir)  # no model there: say so first
+        safe_path.check_tree(self.model_dir)  # nothing planted that a save would write through
+        lock = atomic_dir.WriterLock(self.model_dir)
+        if self.parallel.is_main:
             lock.acquire()
-            if not resume:
-                try:
-                    checkpoint.check_new_model_dir(self.model_dir, force)
-                except UserError:
-                    lock.release()
-                    raise
         return lock
 
     def __del__(self):

@@ -76,6 +76,10 @@ class RouterSpec:
     balance_hint: str = FLAT_HINT
     # Lines for the balancing that acts at selection time (the trainer's routing summary).
     selection: Callable[[ModelConfig], list[str]] = _nothing
+    # The gate matrices (router state names): all zero, every logit is 0 for every token,
+    # so every token gets the same combine weights, which `himoe upcycle` relies on to start
+    # a MoE that computes what a dense model computes. Empty: it cannot be upcycled.
+    gates: tuple[str, ...] = ()
 
     @property
     def dense(self) -> bool:
@@ -153,7 +157,7 @@ register_router(RouterSpec(
     gate_params=lambda cfg: cfg.num_moes * cfg.n_embd + cfg.total_experts * cfg.n_embd,
     main_entries=((WEIGHT, "main_weight_ND"), (BALANCE_BIAS, "group_bias_N")),
     group_entries=((WEIGHT, "group_weight_NMD"), (BALANCE_BIAS, "expert_bias_E")),
-    hf_name="hierarchical",
+    hf_name="hierarchical", gates=("main_weight_ND", "group_weight_NMD"),
     balance_hint="the default routing balances it: --switch_coef 0.01 --shared_fraction 0.5 "
                  "(README, 'The default routing')"))
 register_router(RouterSpec(
@@ -161,11 +165,13 @@ register_router(RouterSpec(
     experts_per_token=lambda cfg: cfg.num_moes * cfg.top_k_experts,  # top-k in every group
     pool=_one_group, gate_params=lambda cfg: cfg.total_experts * (cfg.n_embd + 1),  # + scales
     hf_name="grouped", hf_training_only=("logit_ema_E",),  # corrects training selection only
-    selection=_grouped_selection))
-register_router(RouterSpec("topk", "flat", _routing_class("flat", "TopKRouter"), hf_name="topk"))
+    selection=_grouped_selection, gates=("weight_ED",)))
+register_router(RouterSpec("topk", "flat", _routing_class("flat", "TopKRouter"), hf_name="topk",
+                           gates=("weight_ED",)))
 register_router(RouterSpec(
     "group_limited", "DeepSeek-V3", _routing_class("flat", "GroupLimitedRouter"),
-    pool=lambda cfg: cfg.top_k_groups * cfg.num_experts, hf_name="group_limited"))
+    pool=lambda cfg: cfg.top_k_groups * cfg.num_experts, hf_name="group_limited",
+    gates=("weight_ED",)))
 register_router(RouterSpec("dense", "one plain FFN: the baseline", None,
                            experts_per_token=_two_level_top_k, pool=_one_group, hf_name="dense"))
 
