@@ -108,6 +108,8 @@ class TokenView:
         pos = index.numpy()
         in_range = np.searchsorted(self.cum, pos, side="right") - 1
         stream = self.range_starts[in_range] + (pos - self.cum[in_range])
+        if len(self.shards) == 1:  # most corpora: one shard holds 2^28 tokens
+            return torch.from_numpy(self.shards[0][stream].astype(np.int64))
         shard = np.searchsorted(self.shard_starts, stream, side="right") - 1
         out = np.empty(pos.shape, dtype=np.int64)
         for s in np.unique(shard):  # a window rarely spans more than one shard
