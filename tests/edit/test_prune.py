@@ -138,7 +138,10 @@ def test_the_pruned_model_resumes_generates_and_exports(model_dir, tmp_path, cap
 
 def test_selection_by_share():
     shares = {(0, 0, 0): 0.3, (0, 0, 1): 0.1, (0, 0, 2): 0.1, (0, 1, 0): 0.5}
-    assert below_share(shares, 0.2) == {(0, 0, 1), (0, 0, 2)}
+    assert below_share(shares, 0.2) == ({(0, 0, 1), (0, 0, 2)}, [])
+    # Group 1 of layer 1 has no expert at 0.4 or more: its busiest stays, the group is named.
+    assert below_share(shares, 0.4) == ({(0, 0, 1), (0, 0, 2)}, [(0, 0)])
+    assert below_share(shares, 0.4, keep_at_least=2) == ({(0, 0, 2)}, [(0, 0)])
     assert beyond_best(shares, 2) == {(0, 0, 2)}  # a tie: the lower number stays
     assert beyond_best(shares, 1) == {(0, 0, 1), (0, 0, 2)}
 

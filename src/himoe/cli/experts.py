@@ -218,9 +218,14 @@ def _prune(args) -> int:
     if val is not None:
         ev = evaluate(load_model(model_dir, device)[0], val, cfg, device, dtype)
         shares, before = prune.expert_shares(ev["layers"], cfg), ev["val_loss"]
-    if chosen is None:
-        chosen = (prune.below_share(shares, args.min_share) if args.min_share is not None
-                  else prune.beyond_best(shares, args.keep_per_group))
+    if chosen is None and args.min_share is not None:
+        chosen, spared = prune.below_share(shares, args.min_share, max(1, cfg.top_k_experts))
+        if spared:
+            print(f"himoe: note: every expert of {len(spared)} group(s) is below --min_share "
+                  f"(layer.group: {', '.join(f'{L + 1}.{g + 1}' for L, g in spared)}); a group "
+                  "cannot be empty, so each keeps its busiest expert", file=sys.stderr)
+    elif chosen is None:
+        chosen = prune.beyond_best(shares, args.keep_per_group)
     if not chosen:
         how = (f"--min_share {args.min_share}" if args.min_share is not None
                else f"--keep_per_group {args.keep_per_group}")
@@ -235,7 +240,7 @@ def _prune(args) -> int:
                 fate = ("prune" if j not in keep else "keep" if keep.index(j) == j
                         else f"keep as {keep.index(j) + 1}")
                 gone += size if j not in keep else 0
-                share = f"{shares[L, g, j]:.1%}" if shares else "-"
+                share = f"{shares[L, g, j]:.2%}" if shares else "-"
                 rows.append([L + 1, g + 1, j + 1, share, f"{size:,}", fate])
     where = (f"share = share of the routed assignments of {cfg.eval_iters} validation "
              f"batch(es) of {path} (val loss {before:.4f})" if val is not None

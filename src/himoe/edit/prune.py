@@ -49,8 +49,22 @@ def expert_shares(layers: list[dict], cfg: HiMoEConfig) -> dict[Expert, float]:
             for g, n in enumerate(cfg.group_sizes(L)) for j in range(n)}
 
 
-def below_share(shares: dict[Expert, float], min_share: float) -> set[Expert]:
-    return {e for e, share in shares.items() if share < min_share}
+def below_share(shares: dict[Expert, float], min_share: float,
+                keep_at_least: int = 1) -> tuple[set[Expert], list[tuple[int, int]]]:
+    """(the experts below min_share, the groups they would have emptied). A collapsed model
+    has whole groups without tokens, and a group cannot be empty: such a group keeps the
+    `keep_at_least` of its experts with the highest share (ties: the lower number)."""
+    groups: dict[tuple[int, int], list[Expert]] = {}
+    for e in sorted(shares, key=lambda e: (-shares[e], e)):
+        groups.setdefault(e[:2], []).append(e)
+    chosen, spared = set(), []
+    for group, ranked in groups.items():
+        below = [e for e in ranked if shares[e] < min_share]
+        short = keep_at_least - (len(ranked) - len(below))
+        if short > 0 and below:
+            below, spared = below[short:], spared + [group]
+        chosen.update(below)
+    return chosen, sorted(spared)
 
 
 def beyond_best(shares: dict[Expert, float], keep: int) -> set[Expert]:
