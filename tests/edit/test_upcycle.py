@@ -2,12 +2,16 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from himoe.checkpoint import atomic_dir
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint.verify import verify
 from himoe.edit.upcycle import step0_weight, upcycled_config, upcycled_model
@@ -15,6 +19,7 @@ from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.model.routers.registry import RouterSpec, register_router, unregister_router
 from himoe.training.trainer import Trainer
+from tests.checkpoint.test_crash_safety import ROOT, STAGING, kill, staging_has_files, wait_for
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
 from tests.edit.test_experts import small_config
@@ -175,3 +180,30 @@ def test_upcycle_refuses_bad_input_in_one_line(dense_dir, tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     code, _, err = upcycle(dense_dir, other, capsys, "--force")
     assert_one_line_error(code, err, "holds other files")
+
+
+@pytest.mark.slow  # two process start-ups
+def test_sigkill_leaves_no_model_or_the_whole_upcycled_one(dense_dir, tmp_path, capsys):
+    """`himoe upcycle` killed before its save's commit point leaves no model in --model_dir
+    (a new upcycle into it works); killed after it, the next reader completes the save."""
+    out = tmp_path / "moe"
+    staging = out / STAGING
+
+    def start():
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{atomic_dir.SLOW_SAVE_ENV: "0.02"})
+        return subprocess.Popen([sys.executable, "-m", "himoe", "upcycle", "--from",
+                                 str(dense_dir), "--model_dir", str(out)], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    proc = start()
+    wait_for(proc, lambda: staging_has_files(staging), "the save to begin")
+    kill(proc)
+    assert not (out / "manifest.json").exists() and not (out / "config.json").exists()
+    code, _, err = himoe(["verify", "--model_dir", out], capsys)  # the reader cleans up
+    assert "discarded an interrupted save" in err, err
+    proc = start()
+    wait_for(proc, lambda: (staging / "manifest.json").exists(), "the commit point")
+    kill(proc)
+    code, _, err = himoe(["verify", "--model_dir", out], capsys)
+    assert code == 0 and "completed an interrupted save" in err, err
+    assert checkpoint.read_config(out)[0].router == "hierarchical"
