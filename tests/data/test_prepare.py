@@ -139,15 +139,20 @@ def write_jsonl(path, records, field="text", compress=False):
     path.write_bytes(gzip.compress(lines) if compress else lines)
 
 
+def write_records(path, field="text"):
+    """Four records as JSON lines (gzipped for .gz), or one text for .txt.gz; their texts."""
+    texts = [f"record {i}: {PLAY}" for i in range(4)]
+    if ".txt" in path.name:
+        path.write_bytes(gzip.compress(texts[0].encode()))
+        return texts[:1]
+    write_jsonl(path, texts, field, compress=path.name.endswith(".gz"))
+    return texts
+
+
 @pytest.mark.parametrize("name", ["c.jsonl", "c.json", "c.jsonl.gz", "c.txt.gz"])
 def test_formats_read_the_same_documents(tmp_path, name):
-    texts = [f"record {i}: {PLAY}" for i in range(4)]
     path = tmp_path / name
-    if ".txt" in name:
-        path.write_bytes(gzip.compress(texts[0].encode()))
-        texts = texts[:1]
-    else:
-        write_jsonl(path, texts, "body", compress=name.endswith(".gz"))
+    texts = write_records(path, "body")
     docs = list(read_documents(path, "body"))
     assert [d.text for d in docs] == texts
     out = tmp_path / "prepared"
@@ -159,13 +164,8 @@ def test_formats_read_the_same_documents(tmp_path, name):
 def test_training_reads_records_as_prepare_does(tmp_path, name):
     """`himoe train --data_file c.jsonl` (no prepare): one document per record, and the
     corpus's identity is the prepared directory's, so the two paths name the same corpus."""
-    texts = [f"record {i}: {PLAY}" for i in range(4)]
     path = tmp_path / name
-    if ".txt" in name:
-        path.write_bytes(gzip.compress(texts[0].encode()))
-        texts = texts[:1]
-    else:
-        write_jsonl(path, texts, compress=name.endswith(".gz"))
+    texts = write_records(path)
     corpus = open_corpus(path)
     assert corpus.texts == texts
     assert corpus.sha256() == quiet_prepare(path, tmp_path / "p")["corpus_sha256"]

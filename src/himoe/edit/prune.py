@@ -54,11 +54,8 @@ def below_share(shares: dict[Expert, float], min_share: float,
     """(the experts below min_share, the groups they would have emptied). A collapsed model
     has whole groups without tokens, and a group cannot be empty: such a group keeps the
     `keep_at_least` of its experts with the highest share (ties: the lower number)."""
-    groups: dict[tuple[int, int], list[Expert]] = {}
-    for e in sorted(shares, key=lambda e: (-shares[e], e)):
-        groups.setdefault(e[:2], []).append(e)
     chosen, spared = set(), []
-    for group, ranked in groups.items():
+    for group, ranked in ranked_groups(shares).items():
         below = [e for e in ranked if shares[e] < min_share]
         short = keep_at_least - (len(ranked) - len(below))
         if short > 0 and below:
@@ -70,10 +67,15 @@ def below_share(shares: dict[Expert, float], min_share: float,
 def beyond_best(shares: dict[Expert, float], keep: int) -> set[Expert]:
     """Every expert but the `keep` of highest share in each group (ties: the lower number
     stays)."""
+    return {e for ranked in ranked_groups(shares).values() for e in ranked[keep:]}
+
+
+def ranked_groups(shares: dict[Expert, float]) -> dict[tuple[int, int], list[Expert]]:
+    """{(layer, group): its experts, highest share first (ties: the lower number first)}."""
     groups: dict[tuple[int, int], list[Expert]] = {}
     for e in sorted(shares, key=lambda e: (-shares[e], e)):
         groups.setdefault(e[:2], []).append(e)
-    return {e for ranked in groups.values() for e in ranked[keep:]}
+    return groups
 
 
 def named(text: str, cfg: HiMoEConfig) -> set[Expert]:
