@@ -6,7 +6,7 @@ import json
 import torch
 
 from himoe.analysis.balance import collapse_warning, load_figures
-from himoe.training.evaluation import flag_collapse
+from himoe.training.evaluation import balance_hint, flag_collapse
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -47,6 +47,15 @@ def test_flag_collapse_marks_every_layer():
     warnings = flag_collapse(layers, cfg)
     assert [f["collapsed"] for f in layers] == [False, True]
     assert len(warnings) == 1 and "layer 2" in warnings[0] and "--" in warnings[0]
+
+
+def test_hint_names_the_balancing_flags_the_run_leaves_off():
+    hint = balance_hint(tiny_config(switch_coef=0.0, bias_update_rate=0.0))
+    assert "--switch_coef 0.01" in hint and "--bias_update_rate 0.001" in hint
+    assert "--shared_fraction" not in hint  # on (0.5) in this run
+    hint = balance_hint(tiny_config(bias_update_rate=0.002))
+    assert hint.startswith("every balancing flag is on") and "--bias_update_rate 0.002" in hint
+    assert "--switch_coef" in balance_hint(tiny_config(router="topk", switch_coef=0.0))
 
 
 def test_training_prints_the_warning_and_logs_the_flag(tmp_path):

@@ -22,6 +22,7 @@ himoe.model.routers.flat calls mean_over_ranks).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 from dataclasses import dataclass, field
 
@@ -100,11 +101,14 @@ class Parallel:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        # broadcast_buffers off: router buffers are kept equal explicitly (see above),
-        # rank 0's copy must not overwrite the others at every forward.
+        # No buffer sync at each forward: router buffers are kept equal explicitly (see
+        # above), rank 0's copy must not overwrite the others. Torch 2.13 renamed the
+        # switch (the old name warns); the one sync at start-up it keeps is harmless,
+        # the ranks' buffers start equal.
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers" if renamed else "broadcast_buffers": False}
         self._ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
         return self._ddp
 
     # --- one optimisation step ---

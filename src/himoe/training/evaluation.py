@@ -50,10 +50,22 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, settings: TrainConfig, devic
                 "drop_rate": dropped[i] / max(1, int(counts[i].sum()))} for i in sorted(counts)]}
 
 
+def balance_hint(cfg: ModelConfig) -> str:
+    """What the collapse warning advises: the balancing flags this run leaves off, or, when
+    every one is on, turning the strongest up (see README, 'The default routing')."""
+    levers = router_spec(cfg.router).balance_levers
+    off = [f"--{name} {value:g}" for name, value in levers if getattr(cfg, name) == 0]
+    if off:
+        return "balance it with " + " ".join(off)
+    return ("every balancing flag is on (" +
+            ", ".join(f"--{name} {getattr(cfg, name):g}" for name, _ in levers) +
+            "); a larger --bias_update_rate evens the load faster")
+
+
 def flag_collapse(layers: list[dict], cfg: ModelConfig) -> list[str]:
     """Marks each layer's figures with "collapsed" (kept in metrics.jsonl) and returns one
     warning line per collapsed layer, naming the flag that balances this router."""
-    hint = router_spec(cfg.router).balance_hint
+    hint = balance_hint(cfg)
     warnings = []
     for i, figures in enumerate(layers, start=1):
         warning = collapse_warning(i, figures, hint)

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 BALANCE_BIAS = "balance_bias"
 WEIGHT = "weight"  # the gate matrix of a router file, one row per choice
 
-# The flag that balances a router, named in the warning for a collapsed layer.
-FLAT_HINT = "balance it with --switch_coef 0.01 or --bias_update_rate 1e-3"
+# The flags that balance a router and a value that works, named in the warning for a
+# collapsed layer (those still off in the run).
+FLAT_LEVERS = (("switch_coef", 0.01), ("bias_update_rate", 1e-3))
 
 
 def _top_k(cfg: ModelConfig) -> int:
@@ -73,7 +74,7 @@ class RouterSpec:
     # How himoe.hf.modeling_himoe rebuilds it (the name it knows); None: no export.
     hf_name: str | None = None
     hf_training_only: tuple[str, ...] = ()  # router state the export leaves out
-    balance_hint: str = FLAT_HINT
+    balance_levers: tuple[tuple[str, float], ...] = FLAT_LEVERS
     # Lines for the balancing that acts at selection time (the trainer's routing summary).
     selection: Callable[[ModelConfig], list[str]] = _nothing
     # The gate matrices (router state names): all zero, every logit is 0 for every token,
@@ -158,8 +159,8 @@ register_router(RouterSpec(
     main_entries=((WEIGHT, "main_weight_ND"), (BALANCE_BIAS, "group_bias_N")),
     group_entries=((WEIGHT, "group_weight_NMD"), (BALANCE_BIAS, "expert_bias_E")),
     hf_name="hierarchical", gates=("main_weight_ND", "group_weight_NMD"),
-    balance_hint="the default routing balances it: --switch_coef 0.01 --shared_fraction 0.5 "
-                 "(README, 'The default routing')"))
+    balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.5),
+                    ("bias_update_rate", 1e-3))))
 register_router(RouterSpec(
     "grouped", "Hi-MoE", _routing_class("flat", "GroupedRouter"),
     experts_per_token=lambda cfg: cfg.num_moes * cfg.top_k_experts,  # top-k in every group
