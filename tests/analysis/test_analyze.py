@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from himoe.analysis.domains import STAGE, nmi, play_domains, windows
+from himoe.analysis.domains import STAGE, nmi, play_domains, route_counts, top_tokens, windows
+from himoe.checkpoint.card import load_model
 from himoe.checkpoint.verify import verify
 from himoe.data.documents import default_corpus_path
 from himoe.training.trainer import Trainer
@@ -40,6 +41,25 @@ def test_nmi_is_one_for_specialised_experts_and_zero_for_shared_ones():
     assert w.tolist()[0] == ids[:16] and w.tolist()[-1] == ids[80:96] and w.shape == (3, 16)
 
 
+def test_routing_by_token_matches_a_count_one_window_at_a_time(model_dir):
+    model = load_model(model_dir)[0]
+    gen = torch.Generator().manual_seed(0)
+    windows_WS = torch.randint(model.cfg.vocab_size, (5, 16), generator=gen)
+    counts_LE, tokens_LEV = route_counts(model, windows_WS, batch=2)
+    naive = torch.zeros_like(tokens_LEV)
+    model.eval()
+    for window in windows_WS:
+        with torch.no_grad():
+            model(window[None])
+        for i, moe in enumerate(model.moe_layers.values()):
+            for token, experts in zip(window.tolist(), moe.last_ids_TK.tolist()):
+                for e in experts:
+                    naive[i, e, token] += 1
+    assert torch.equal(tokens_LEV, naive) and torch.equal(counts_LE, naive.sum(-1))
+    assert top_tokens(torch.tensor([[0, 5, 1], [2, 0, 0]]), lambda ids: "abc"[ids[0]]) == [
+        [("b", 5 / 6), ("c", 1 / 6)], [("a", 1.0)]]
+
+
 def test_analyze_splits_the_corpus_by_speaker_and_writes_report_and_heatmaps(model_dir,
                                                                              tmp_path, capsys):
     out = tmp_path / "out"
@@ -47,6 +67,7 @@ def test_analyze_splits_the_corpus_by_speaker_and_writes_report_and_heatmaps(mod
                                "--max_tokens", "64", "--device", "cpu"], capsys)
     assert code == 0, err
     assert "NMI(domain; expert)" in stdout and "expert 2.2" in stdout and "King" in stdout
+    assert "reads most" in stdout
     report = json.loads((out / "analysis.json").read_text())
     assert [d["name"] for d in report["domains"]][-1] == STAGE
     assert all(d["tokens"] == 64 for d in report["domains"])
@@ -56,6 +77,8 @@ def test_analyze_splits_the_corpus_by_speaker_and_writes_report_and_heatmaps(mod
         for shares in layer["expert_share"].values():
             assert sum(shares) == pytest.approx(1.0) and len(shares) == 4
         assert {"expert_cv", "expert_maxvio", "dead_experts"} <= set(layer["balance"])
+        for share, top in zip(layer["balance"]["expert_share"], layer["expert_top_tokens"]):
+            assert bool(top) == (share > 0) and sum(s for _, s in top) <= 1 + 1e-9
     for layer in (1, 2):
         assert (out / f"layer_0{layer}_domain_expert.png").read_bytes()[:4] == b"\x89PNG"
     assert not verify(model_dir)[0]

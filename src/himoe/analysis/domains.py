@@ -59,20 +59,35 @@ def windows(ids: list[int], size: int, max_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def route_counts(model: HiMoEModel, windows_WS: torch.Tensor, batch: int = 16) -> torch.Tensor:
-    """[layers, E] assignments per expert when the model reads the windows (eval mode)."""
+def route_counts(model: HiMoEModel, windows_WS: torch.Tensor,
+                 batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """([layers, E] assignments per expert, [layers, E, V] the same by the token id read)
+    when the model reads the windows (eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     layers = model.moe_layers
-    counts_LE = torch.zeros(len(layers), model.cfg.total_experts, dtype=torch.long)
+    E, V = model.cfg.total_experts, model.cfg.vocab_size
+    tokens_LEV = torch.zeros(len(layers), E * V, dtype=torch.long)
     for start in range(0, len(windows_WS), batch):
-        model(windows_WS[start:start + batch].to(device))
+        ids_BS = windows_WS[start:start + batch]
+        model(ids_BS.to(device))
+        ids_T = ids_BS.reshape(-1)
         for i, moe in enumerate(layers.values()):
-            counts_LE[i] += torch.bincount(moe.last_ids_TK.reshape(-1).cpu(),
-                                           minlength=model.cfg.total_experts)
+            experts_TK = moe.last_ids_TK.cpu()
+            pairs = experts_TK * V + ids_T[:, None]  # each assignment as (expert, token)
+            tokens_LEV[i] += torch.bincount(pairs.reshape(-1), minlength=E * V)
     model.train(was_training)
-    return counts_LE
+    tokens_LEV = tokens_LEV.view(len(layers), E, V)
+    return tokens_LEV.sum(-1), tokens_LEV
+
+
+def top_tokens(tokens_EV: torch.Tensor, decode, k: int = 3) -> list[list[tuple[str, float]]]:
+    """For each expert, the k tokens it reads most, as (text, share of its assignments)."""
+    total_E = tokens_EV.sum(-1).clamp_min(1)
+    counts_EK, ids_EK = tokens_EV.topk(min(k, tokens_EV.shape[1]), dim=-1)
+    return [[(decode([t]), c / total) for t, c in zip(ids, counts) if c > 0]
+            for ids, counts, total in zip(ids_EK.tolist(), counts_EK.tolist(), total_E.tolist())]
 
 
 def nmi(counts_DE: torch.Tensor) -> float | None:

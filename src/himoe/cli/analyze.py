@@ -65,10 +65,10 @@ def build_report(model, cfg, texts, tok, max_tokens: int) -> dict:
     import torch
 
     from himoe.analysis.balance import load_figures
-    from himoe.analysis.domains import NMI_DEFINITION, nmi, route_counts, windows
+    from himoe.analysis.domains import NMI_DEFINITION, nmi, route_counts, top_tokens, windows
 
     N, M = cfg.num_moes, cfg.num_experts
-    domains, counts = [], []
+    domains, counts, tokens = [], [], 0
     for name, source, text in texts:
         kept, _ = tok.drop_unknown(text)
         skipped = len(text) - len(kept)
@@ -76,7 +76,9 @@ def build_report(model, cfg, texts, tok, max_tokens: int) -> dict:
             raise UserError(f"domain {name} ({source}) has no characters the model knows; "
                             "pass a text in the model's alphabet")
         windows_WS = windows(tok.encode(kept), cfg.block_size, max_tokens)
-        counts.append(route_counts(model, windows_WS))
+        counts_LE, tokens_LEV = route_counts(model, windows_WS)
+        counts.append(counts_LE)
+        tokens = tokens + tokens_LEV
         domains.append({"name": name, "source": source, "tokens": windows_WS.numel(),
                         "text_chars": len(text), "skipped_chars": skipped})
     counts_DLE = torch.stack(counts)
@@ -91,7 +93,8 @@ def build_report(model, cfg, texts, tok, max_tokens: int) -> dict:
             "group_share": dict(zip(names, share(c_DG))),
             "expert_share": dict(zip(names, share(c_DE))),
             "assignments": dict(zip(names, c_DE.sum(-1).tolist())),
-            "balance": load_figures(c_DE.sum(0), N, cfg.group_sizes(i))})
+            "balance": load_figures(c_DE.sum(0), N, cfg.group_sizes(i)),
+            "expert_top_tokens": top_tokens(tokens[i], tok.decode)})
     return {"nmi_definition": NMI_DEFINITION, "max_tokens_per_domain": max_tokens,
             "domains": domains, "layers": layers}
 
@@ -118,13 +121,16 @@ def format_report(report: dict, num_experts: int) -> str:
         rows = []
         for g, all_share in enumerate(bal["group_share"]):
             rows.append([f"group {g + 1}"] + [f"{fig['group_share'][n][g]:.1%}" for n in names]
-                        + [f"{all_share:.1%}"])
+                        + [f"{all_share:.1%}", ""])
             for j in range(bal["group_sizes"][g]):
                 e = g * num_experts + j
                 rows.append([f"  expert {g + 1}.{j + 1}"]
                             + [f"{fig['expert_share'][n][e]:.1%}" for n in names]
-                            + [f"{bal['expert_share'][e]:.1%}"])
-        lines.append(format_table(["share of tokens"] + names + ["all"], rows))
+                            + [f"{bal['expert_share'][e]:.1%}",
+                               ", ".join(f"{text!r} {share:.0%}"
+                                         for text, share in fig["expert_top_tokens"][e])])
+        headers = ["share of tokens"] + names + ["all", "reads most"]
+        lines.append(format_table(headers, rows, right=set(range(1, len(headers) - 1))))
     return "\n".join(lines)
 
 
