@@ -179,8 +179,23 @@ def resolve_paths(spec: str | Path | None) -> list[Path]:
 
 JSON_LINES = (".jsonl", ".json")
 PARQUET = ".parquet"
-# Files that hold records (or compressed text) rather than one plain text each.
-RECORD_SUFFIXES = (*JSON_LINES, PARQUET, ".gz")
+GZIP = ".gz"
+
+
+def kind_of(path: Path) -> str:
+    """"jsonl", "parquet" or "text", by the name without a `.gz` suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == GZIP:
+        suffixes = suffixes[:-1]
+    last = suffixes[-1] if suffixes else ""
+    if last in JSON_LINES:
+        return "jsonl"
+    return "parquet" if last == PARQUET else "text"
+
+
+def is_plain_text(path: Path) -> bool:
+    """One uncompressed text (not records, not gzip): what load_corpus reads."""
+    return kind_of(path) == "text" and path.suffix.lower() != GZIP
 
 
 def load_documents(spec: str | Path | None) -> Corpus:
@@ -191,7 +206,7 @@ def load_documents(spec: str | Path | None) -> Corpus:
     if total > MAX_CORPUS_BYTES:
         raise too_large(f"{spec} ({len(paths)} files)", total)
     source = str(spec) if spec is not None else str(paths[0])
-    if all(p.suffix.lower() not in RECORD_SUFFIXES for p in paths):
+    if all(is_plain_text(p) for p in paths):
         return Corpus(source, paths, [load_corpus(p)[0] for p in paths])
     # JSON lines, Parquet or gzip: read as `himoe prepare` reads them, a document per record,
     # each named as prepare names it so that both paths give the corpus one identity.

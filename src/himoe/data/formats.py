@@ -24,7 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from himoe.data.documents import JSON_LINES, PARQUET, check_corpus_file, chunks, resolve_paths
+from himoe.data.documents import (
+    GZIP,
+    check_corpus_file,
+    chunks,
+    is_plain_text,
+    kind_of,
+    resolve_paths,
+)
 from himoe.errors import UserError
 
 PARQUET_EXTRA = "pip install 'himoe[parquet]'"
@@ -93,19 +100,8 @@ class BadRecords:
             self.examples.append(f"{where}: {problem}")
 
 
-def kind_of(path: Path) -> str:
-    """"jsonl", "parquet" or "text", by the name without a `.gz` suffix."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    last = suffixes[-1] if suffixes else ""
-    if last in JSON_LINES:
-        return "jsonl"
-    return "parquet" if last == PARQUET else "text"
-
-
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if path.suffix.lower() == GZIP else open(path, "rb")
 
 
 def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None,
@@ -124,8 +120,7 @@ def read_documents(spec, text_field: str = "text", bad: BadRecords | None = None
                 yield from _json_lines(path, text_field, bad)
             elif kind == "parquet":
                 yield from _parquet(path, text_field, bad)
-            elif stream and path.suffix.lower() != ".gz" and \
-                    path.stat().st_size > STREAM_BYTES:
+            elif stream and is_plain_text(path) and path.stat().st_size > STREAM_BYTES:
                 yield Document(str(path), None, path)
             else:
                 doc = _text_file(path, bad)
@@ -190,7 +185,7 @@ def _parquet(path: Path, text_field: str, bad: BadRecords) -> Iterator[Document]
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path} is Parquet, which needs pyarrow; {PARQUET_EXTRA}") from None
-    if path.suffix.lower() == ".gz":
+    if path.suffix.lower() == GZIP:
         with gzip.open(path, "rb") as f:
             source = io.BytesIO(f.read())
     else:
