@@ -37,7 +37,10 @@ def randomised(cfg, seed=0) -> HiMoEModel:
                 p.normal_(0, 0.3)
         for name, b in model.named_buffers():
             if cfg.bias_update_rate and name.endswith(("bias_N", "bias_E")):
-                b.normal_(0, 0.1)  # loss-free balancing: selection-only biases
+                # Loss-free balancing's selection-only biases; all below 0, so that an
+                # empty slot of a smaller group (bias 0, never exported) would win if not
+                # masked. A uniform shift changes no other choice.
+                b.normal_(0, 0.1).sub_(0.5)
     return model.eval()
 
 
@@ -256,5 +259,5 @@ def test_ragged_groups_export_with_their_empty_slots_masked(transformers, tmp_pa
     # empty slots of the smaller groups.
     sizes = [[2, 3, 3], [3, 2, 3]]  # tiny_config: 2 layers of 3 groups
     cfg = tiny_config(vocab_size=len(VOCAB), num_experts=3, top_k_experts=2,
-                      group_experts=sizes)
+                      group_experts=sizes, bias_update_rate=1e-3)
     assert_export_logits_equal(cfg, 5, transformers, tmp_path)

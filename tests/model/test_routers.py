@@ -103,6 +103,18 @@ def test_loss_free_bias_balances_a_skewed_router(router):
         torch.testing.assert_close(out.weights_TK, p.gather(1, out.ids_TK))
 
 
+def test_balancing_bias_never_routes_to_an_empty_slot_of_a_smaller_group():
+    # After `himoe experts add` a group has fewer experts than slots. Its real experts'
+    # centred biases go negative; an empty slot's stays 0 and must still never be chosen.
+    cfg = tiny_config(num_moes=2, num_experts=3, top_k_experts=2, group_experts=[[2, 3]] * 2,
+                      bias_update_rate=1e-3)
+    r = build_router(cfg).eval()
+    with torch.no_grad():
+        r.expert_bias_E.copy_(torch.tensor([-0.5, -0.5, 0.0, -0.5, -0.5, 1.0]))
+    ids_TK = r(torch.randn(256, cfg.n_embd, generator=torch.Generator().manual_seed(0))).ids_TK
+    assert 2 not in ids_TK.unique().tolist()  # group 1's third slot is empty
+
+
 def test_two_level_switch_loss_balances_a_skewed_router():
     """Only the Switch loss trains the router (no language-model loss): the load evens out
     at both levels."""

@@ -59,8 +59,10 @@ class HierarchicalRouter(nn.Module):
             empty_NM = torch.arange(M, device=x_TD.device) >= sizes_N1
             logits2_TNM = logits2_TNM.masked_fill(empty_NM, float("-inf"))
         p2_TGM = F.softmax(logits2_TNM.gather(1, g_TG.unsqueeze(-1).expand(-1, -1, M)), dim=-1)
-        bias_TGM = self.expert_bias_E.view(N, M)[g_TG]
-        j_TGJ = (p2_TGM + bias_TGM).topk(cfg.top_k_experts, dim=-1).indices
+        score_TGM = p2_TGM + self.expert_bias_E.view(N, M)[g_TG]
+        if self.ragged:  # an empty slot's p2 is 0, but its bias 0 can beat a negative one
+            score_TGM = score_TGM.masked_fill(empty_NM[g_TG], float("-inf"))
+        j_TGJ = score_TGM.topk(cfg.top_k_experts, dim=-1).indices
         ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
         weights_TK = (p1_TG.unsqueeze(-1) * p2_TGM.gather(2, j_TGJ)).flatten(1)
         return ids_TK, weights_TK

@@ -56,8 +56,10 @@ class HierarchicalRouter(nn.Module):
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
         logits2_TGM = logits2_TNM.gather(1, idx_TGM)
         p2_TGM = F.softmax(logits2_TGM, dim=-1)
-        bias_TGM = self.expert_bias_E.view(N, M)[g_TG]
-        j_TGJ = (p2_TGM + bias_TGM).topk(cfg.top_k_experts, dim=-1).indices  # J = top_k_experts
+        score_TGM = p2_TGM + self.expert_bias_E.view(N, M)[g_TG]
+        if self.ragged:  # an empty slot's p2 is 0, but its bias 0 can beat a negative one
+            score_TGM = score_TGM.masked_fill(~self.slot_mask_NM[g_TG], float("-inf"))
+        j_TGJ = score_TGM.topk(cfg.top_k_experts, dim=-1).indices  # J = top_k_experts
         p2_TGJ = p2_TGM.gather(2, j_TGJ)
         ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
         weights_TK = (p1_TG.unsqueeze(-1) * p2_TGJ).flatten(1)
