@@ -85,7 +85,7 @@ class ModelConfig(_Section):
     router_temp: float = setting(1.0, "grouped router: softmax temperature")
     renormalize: bool = setting(False, "topk / group_limited: renormalise the kept weights "
                                 "to sum to 1 (MiniMoE)")
-    bias_update_rate: float = setting(0.0, "loss-free balancing: selection-bias step per "
+    bias_update_rate: float = setting(1e-3, "loss-free balancing: selection-bias step per "
                                       "optimiser step (DeepSeek-V3: 1e-3; 0 = off)")
     shared_fraction: float = setting(0.5, "share of the active FFN width (ffn_mult * n_embd) "
                                      "given to a shared expert that every token runs beside "
