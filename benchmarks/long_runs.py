@@ -46,8 +46,8 @@ def row(name: str, evals: list[dict], outside: dict[str, float], steps: list[int
     layers = last.get("layers", [])
     balance = (" / ".join(f"{x['expert_cv']:.2f}" for x in layers) or "-",
                " / ".join(f"{x['expert_maxvio']:.2f}" for x in layers) or "-",
-               str(max((x["dead_experts"] for e in evals if e["step"] > 500
-                        for x in e.get("layers", [])), default=0)) if layers else "-")
+               str(max((x["dead_experts"] for e in evals if e["step"] >= 500
+                        for x in e.get("layers", [])), default="")) if layers else "-")
     cells = [name] + [f"{at[s]:.4f}" if s in at else "" for s in steps] + list(balance)
     cells += [f"{v:.4f}" for v in outside.values()]
     return "| " + " | ".join(cells) + " |"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = dict(item.split("=", 1) for item in args.outside)
     runs = {d.name: evaluations(d) for d in args.runs if (d / "metrics.jsonl").exists()}
     header = (["run"] + [f"val @{s}" for s in steps]
-              + ["load CV layer 1 / 2", "MaxVio_global layer 1 / 2", "dead after step 500"]
+              + ["load CV layer 1 / 2", "MaxVio_global layer 1 / 2", "dead from step 500 on"]
               + [f"{n} (outside)" for n in texts])
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" for _ in header) + " |")
