@@ -34,9 +34,11 @@ def outside_loss(model_dir: Path, name: str, text: Path) -> float:
     """`himoe eval` of the model on a text file, run once and kept as eval-NAME.json."""
     report = model_dir.parent / f"{model_dir.name}.eval-{name}.json"
     if not report.exists():
-        subprocess.run([sys.executable, "-m", "himoe", "eval", "--model_dir", str(model_dir),
-                        "--data_file", str(text), "--json", str(report)],
-                       check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "himoe", "eval", "--model_dir",
+                               str(model_dir), "--data_file", str(text), "--json", str(report)],
+                              capture_output=True, text=True)
+        if done.returncode:  # its progress bar is kept out of the table, its error is not
+            sys.exit(f"himoe eval of {model_dir} on {text} failed: {done.stderr.strip()}")
     return json.loads(report.read_text(encoding="utf-8"))["loss"]
 
 
