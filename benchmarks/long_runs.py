@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="texts in no corpus, scored with himoe eval once a run is finished")
     p.add_argument("--steps", default="500,1000,1500,2000,2500,3000")
     p.add_argument("--png", type=Path)
+    p.add_argument("--maxvio_png", type=Path, help="also draw each layer's MaxVio_global "
+                   "against the step, with the 0.5 target")
     p.add_argument("--jsonl", type=Path, help="also write every evaluation line here")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
@@ -84,22 +86,54 @@ def main(argv: list[str] | None = None) -> int:
                 for e in evals:
                     f.write(json.dumps({"run": name} | e) + "\n")
     if args.png:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, evals in runs.items():
-            ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], marker=".",
-                    label=name, linestyle="--" if "dense" in name else "-")
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (nats/char)")
-        ax.set_ylim(top=2.3)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.png, dpi=110)
+        plot_losses(runs, args.png)
+    if args.maxvio_png:
+        plot_maxvio(runs, args.maxvio_png)
     return 0
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(runs: dict[str, list[dict]], png: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, evals in runs.items():
+        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], marker=".",
+                label=name, linestyle="--" if "dense" in name else "-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylim(top=2.3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def plot_maxvio(runs: dict[str, list[dict]], png: Path) -> None:
+    """One panel per MoE layer: MaxVio_global at each evaluation, runs with MoE layers only."""
+    plt = pyplot()
+    moe = {name: evals for name, evals in runs.items() if evals[-1].get("layers")}
+    n_layers = max(len(evals[-1]["layers"]) for evals in moe.values())
+    fig, axes = plt.subplots(1, n_layers, figsize=(5 * n_layers, 4), sharey=True,
+                             squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for name, evals in moe.items():
+            points = [(e["step"], e["layers"][i]["expert_maxvio"]) for e in evals
+                      if len(e.get("layers", [])) > i]
+            ax.plot(*zip(*points), marker=".", label=name)
+        ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":", label="target 0.5")
+        ax.set_title(f"layer {i + 1}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("MaxVio_global (validation split)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,13 @@ def test_table_has_a_row_per_run_with_the_last_balance_and_dead_from_500_on(tmp_
     write_run(tmp_path / "half", {500: 2.1}, [layer, layer])
     write_run(tmp_path / "early", {250: 2.4}, [layer | {"dead_experts": 5}, layer])
     assert long_runs().main([str(tmp_path / n) for n in ("dense", "moe", "half", "early")]
-                            + ["--steps", "500,1000", "--jsonl", str(tmp_path / "all.jsonl")]) == 0
+                            + ["--steps", "500,1000", "--jsonl", str(tmp_path / "all.jsonl"),
+                               "--maxvio_png", str(tmp_path / "maxvio.png")]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[2] == "| dense | 2.3000 | 2.0000 | - | - | - |"
     assert rows[3] == "| moe | 2.2000 | 1.9000 | 0.25 / 0.25 | 0.40 / 0.40 | 2 |"
     assert rows[4] == "| half | 2.1000 |  | 0.25 / 0.25 | 0.40 / 0.40 | 0 |"
     assert rows[5] == "| early |  |  | 0.25 / 0.25 | 0.40 / 0.40 |  |"  # none from 500 yet
     assert len((tmp_path / "all.jsonl").read_text().splitlines()) == 6  # evaluations only
+    # Drawn from the MoE runs alone: the dense run has no layer to plot.
+    assert (tmp_path / "maxvio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
