@@ -30,9 +30,19 @@ import torch
 
 
 def max_violation(counts_LE: np.ndarray) -> np.ndarray:
-    """Per row: max / mean - 1."""
+    """himoe's MaxVio (max / mean - 1) of each row."""
+    from himoe.analysis.balance import max_violation as of_one
+
     counts_LE = np.asarray(counts_LE, dtype=np.float64)
-    return counts_LE.max(-1) / counts_LE.mean(-1) - 1.0
+    flat_RE = counts_LE.reshape(-1, counts_LE.shape[-1])
+    return np.array([of_one(torch.from_numpy(c)) for c in flat_RE]).reshape(counts_LE.shape[:-1])
+
+
+def layer_counts(layer, num_experts: int) -> torch.Tensor:
+    """How many assignments each expert got in the layer's last forward (dropped ones,
+    id -1, left out)."""
+    ids = layer.last_ids_TK.reshape(-1)
+    return torch.bincount(ids[ids >= 0], minlength=num_experts)
 
 
 def train(model_dir: str, overrides: dict, threads: int) -> Path:
@@ -49,8 +59,7 @@ def train(model_dir: str, overrides: dict, threads: int) -> Path:
             if module.training:
                 if layer_index == 0:
                     steps.append([])
-                ids = module.last_ids_TK.reshape(-1)
-                steps[-1].append(torch.bincount(ids[ids >= 0], minlength=cfg.total_experts))
+                steps[-1].append(layer_counts(module, cfg.total_experts))
         return hook
 
     for n, layer in enumerate(trainer.model.moe_layers.values()):
@@ -64,7 +73,9 @@ def train(model_dir: str, overrides: dict, threads: int) -> Path:
 @torch.no_grad()
 def split_counts(model, data: torch.Tensor, batches: int, batch_size: int, block_size: int,
                  training_mode: bool) -> np.ndarray:
-    """[layers, E] expert counts over `batches` fixed batches; training_mode: dropout on."""
+    """[layers, E] expert counts over `batches` fixed batches; training_mode: dropout on.
+    The selection biases stay put either way: only an optimiser step's
+    update_balance_biases moves them."""
     from himoe.data.batches import get_batch
 
     was_training = model.training
@@ -77,8 +88,7 @@ def split_counts(model, data: torch.Tensor, batches: int, batch_size: int, block
             x, y = get_batch(data, batch_size, block_size, gen)
             model(x, y)
             for n, layer in enumerate(layers):
-                ids = layer.last_ids_TK.reshape(-1)
-                counts[n] += torch.bincount(ids[ids >= 0], minlength=counts.shape[1]).numpy()
+                counts[n] += layer_counts(layer, counts.shape[1]).numpy()
     finally:
         model.train(was_training)
     return counts
@@ -91,8 +101,6 @@ def measure(model_dir: str, batches: int, window: int) -> list[list[str]]:
 
     path = Path(model_dir)
     model, cfg, vocab, step = load_model(path)
-    # Training mode only counts assignments: the biases move in update_balance_biases,
-    # which only an optimiser step calls.
     splits = token_splits(open_corpus(cfg.data_file), tokenizer_for(cfg, vocab, path),
                           cfg.block_size)
     rows = []

@@ -1,6 +1,11 @@
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from himoe.config import HiMoEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tests use tiny models: one thread avoids spin-waiting when the machine is busy.
 torch.set_num_threads(1)
@@ -14,3 +19,11 @@ def tiny_config(**overrides) -> HiMoEConfig:
     base.update(overrides)
     return HiMoEConfig(**base).validate()
 
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module: the scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,22 +1,18 @@
 """benchmarks/balance_gap.py: the per-step trace counts every training assignment, and the
 measured MaxVio rows are the max / mean of counts taken the way each row says."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
+
 TINY = dict(n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=3, batch_size=4,
             max_iters=5, eval_interval=5, eval_iters=1, seed=3)
 
 
 def balance_gap():
-    spec = importlib.util.spec_from_file_location("balance_gap",
-                                                  ROOT / "benchmarks" / "balance_gap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("balance_gap")
 
 
 def test_max_violation_is_max_over_mean_minus_one():

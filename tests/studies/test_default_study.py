@@ -1,22 +1,17 @@
 """benchmarks/default_study.py: a tiny run appends its line and the report reads it."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
+
 TINY = dict(n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=2, batch_size=2,
             max_iters=2, eval_interval=1, eval_iters=1)
 
 
 def study():
-    spec = importlib.util.spec_from_file_location("default_study",
-                                                  ROOT / "benchmarks" / "default_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("default_study")
 
 
 @pytest.mark.slow

@@ -1,17 +1,13 @@
 """benchmarks/long_runs.py: the table of finished and unfinished runs, from metrics.jsonl."""
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 def long_runs():
-    spec = importlib.util.spec_from_file_location("long_runs", ROOT / "benchmarks" / "long_runs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("long_runs")
 
 
 def write_run(model_dir: Path, losses: dict[int, float], layers: list[dict]) -> None:
