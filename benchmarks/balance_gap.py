@@ -39,10 +39,9 @@ def max_violation(counts_LE: np.ndarray) -> np.ndarray:
 
 
 def layer_counts(layer, num_experts: int) -> torch.Tensor:
-    """How many assignments each expert got in the layer's last forward (dropped ones,
-    id -1, left out)."""
-    ids = layer.last_ids_TK.reshape(-1)
-    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+    """How many tokens the router sent each expert in the layer's last forward (its
+    choices, last_ids_TK, before any capacity limit: what the balancers count too)."""
+    return torch.bincount(layer.last_ids_TK.reshape(-1), minlength=num_experts)
 
 
 def train(model_dir: str, overrides: dict, threads: int) -> Path:
