@@ -1,0 +1,156 @@
+"""Where a training step's time goes: the default model against its dense-equivalent.
+
+`himoe bench --only train` gives the ratio of whole processes; this script splits one
+training step of each side into the phases of `train_step` (forward and backward, gradient
+clipping, AdamW, zeroing and the selection-bias update), and splits one MoE layer of the
+default into its router, its routed part (router, dispatch, expert bank, combine) and its
+shared expert. The default's routed experts are as wide as its shared expert, so the
+routed part and the shared expert do the same expert FLOPs: their difference is what the
+routing and the 48 small matmuls cost over one large one.
+
+    python benchmarks/step_phases.py [--repeats 10] [--warmup 2] [--threads 2]
+
+Sides alternate A B A B in one process; each cell is the median [min, max] in ms. The last
+line is the ratio the whole step would reach if each MoE layer's routed part cost no more
+than its shared expert: an upper bound on what a faster dispatch alone can give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from himoe.bench.throughput import hamlet, sample_batches
+from himoe.config import HiMoEConfig
+from himoe.distributed.plan import Parallel
+from himoe.model import HiMoEModel
+from himoe.model.grad_sink import zero_grads
+from himoe.training.allocator import keep_freed_memory
+from himoe.training.optim import build_optimizer
+from himoe.training.step import write_expert_grads_in_place
+
+PHASES = ("forward+backward", "clip", "AdamW", "zero+bias", "step")
+LAYER_PARTS = ("router", "routed part", "shared expert")
+
+
+class Side:
+    """A model, its optimiser and the training settings, as `himoe train` builds them."""
+
+    def __init__(self, cfg: HiMoEConfig):
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.model = HiMoEModel(cfg).train()
+        if cfg.router != "dense":
+            write_expert_grads_in_place(self.model)  # as the trainer does in one process
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.parallel = Parallel()
+
+    def step_ms(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
+        """train_step's phases, timed one by one (train_step itself runs them back to back)."""
+        marks = [time.perf_counter()]
+        self.parallel.forward_backward(self.model, x_BT, y_BT)
+        marks.append(time.perf_counter())
+        self.parallel.clip_grad_norm(self.params, self.cfg.grad_clip, self.optimizer)
+        marks.append(time.perf_counter())
+        self.optimizer.step()
+        self.optimizer.grad_scale = None
+        marks.append(time.perf_counter())
+        zero_grads(self.model, self.optimizer)
+        if self.cfg.bias_update_rate and self.cfg.router != "dense":
+            self.model.update_balance_biases()
+        marks.append(time.perf_counter())
+        phases = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
+        return phases + [sum(phases)]
+
+
+def layer_parts_ms(side: Side, x_TD: torch.Tensor) -> list[float]:
+    """Forward and backward of the first block's router alone, its whole MoE layer and its
+    shared expert, each on the same tokens x_TD."""
+    block = side.model.blocks[0]
+    moe = side.model.moe_layers[0]
+
+    def router():
+        routing = moe.router(x_TD)
+        return routing.weights_TK.sum() + sum(routing.aux.values())
+
+    def routed():
+        y = moe(x_TD.unsqueeze(0))
+        return y.sum() + sum(moe.last_aux.values())
+
+    out = []
+    for part in (router, routed, lambda: block.shared_ffn(x_TD).sum()):
+        t0 = time.perf_counter()
+        part().backward()
+        zero_grads(side.model, side.optimizer)
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def cell(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} [{min(values):.1f}, {max(values):.1f}]"
+
+
+def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: int) -> dict:
+    """Per-phase and per-part times (ms) of each repeat after the warm-up."""
+    data, _ = hamlet()
+    sides = {"default": Side(cfg_moe), "dense": Side(cfg_dense)}
+    batches = sample_batches(data, cfg_moe, warmup + repeats, seed=0)
+    steps = {name: [] for name in sides}
+    parts = []
+    x_TD = torch.randn(cfg_moe.batch_size * cfg_moe.block_size, cfg_moe.n_embd,
+                       generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for i, (x_BT, y_BT) in enumerate(batches):
+        for name, side in sides.items():
+            phases = side.step_ms(x_BT, y_BT)
+            if i >= warmup:
+                steps[name].append(phases)
+        ms = layer_parts_ms(sides["default"], x_TD)
+        if i >= warmup:
+            parts.append(ms)
+    return {"steps": steps, "parts": parts, "n_layer": cfg_moe.n_layer}
+
+
+def report(result: dict) -> list[str]:
+    """The two markdown tables and the bound, as lines."""
+    moe, dense = result["steps"]["default"], result["steps"]["dense"]
+    lines = ["| phase | default (ms) | dense-equivalent (ms) | difference (ms, median) |",
+             "| --- | --- | --- | --- |"]
+    for j, phase in enumerate(PHASES):
+        a, b = [r[j] for r in moe], [r[j] for r in dense]
+        lines.append(f"| {phase} | {cell(a)} | {cell(b)} | "
+                     f"{statistics.median(x - y for x, y in zip(a, b)):+.1f} |")
+    ratios = [d[-1] / m[-1] for m, d in zip(moe, dense)]
+    lines += ["", f"Step ratio (dense ms / default ms, per repeat): "
+                  f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]", ""]
+    parts = result["parts"]
+    lines += ["| one MoE layer of the default, forward+backward | ms |", "| --- | --- |"]
+    lines += [f"| {name} | {cell([p[j] for p in parts])} |" for j, name in enumerate(LAYER_PARTS)]
+    # Each layer's routed part priced at its shared expert's cost, every other phase as is.
+    excess = [result["n_layer"] * (p[1] - p[2]) for p in parts]
+    bound = [d[-1] / (m[-1] - e) for m, d, e in zip(moe, dense, excess)]
+    lines += ["", f"If the routed part cost what the shared expert does: "
+                  f"{statistics.median(bound):.2f}x [{min(bound):.2f}, {max(bound):.2f}]"]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as `himoe train` does
+    _, tok = hamlet()
+    cfg = HiMoEConfig(vocab_size=tok.vocab_size).validate()
+    dense = HiMoEConfig(vocab_size=tok.vocab_size, router="dense").validate()
+    print("\n".join(report(measure(cfg, dense, args.repeats, args.warmup))))
+
+
+if __name__ == "__main__":
+    main()

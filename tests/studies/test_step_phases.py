@@ -1,0 +1,32 @@
+"""benchmarks/step_phases.py: each side's step is the sum of its timed phases, and the bound
+prices each MoE layer's routed part at its shared expert's cost."""
+
+from himoe.config import HiMoEConfig
+from tests.conftest import load_benchmark
+
+TINY = dict(vocab_size=65, n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=3,
+            batch_size=4)
+
+
+def test_steps_are_the_sum_of_their_phases_and_every_repeat_is_kept():
+    sp = load_benchmark("step_phases")
+    result = sp.measure(HiMoEConfig(**TINY).validate(),
+                        HiMoEConfig(**TINY, router="dense").validate(), repeats=3, warmup=1)
+    for rows in result["steps"].values():
+        assert len(rows) == 3
+        for row in rows:
+            assert len(row) == len(sp.PHASES) and abs(sum(row[:-1]) - row[-1]) < 1e-9
+    assert len(result["parts"]) == 3 and all(len(p) == len(sp.LAYER_PARTS)
+                                             for p in result["parts"])
+
+
+def test_bound_replaces_each_layers_routed_excess_by_nothing():
+    sp = load_benchmark("step_phases")
+    # Default step 10 ms, dense 8 ms; the routed part costs 1 ms more than the shared expert
+    # in each of 2 layers, so without that excess the default would take 8 ms: 1.00x.
+    result = {"steps": {"default": [[9, 1, 0, 0, 10]], "dense": [[8, 0, 0, 0, 8]]},
+              "parts": [[0.5, 3.0, 2.0]], "n_layer": 2}
+    lines = sp.report(result)
+    assert "Step ratio (dense ms / default ms, per repeat): 0.80x [0.80, 0.80]" in lines
+    assert lines[-1].endswith("1.00x [1.00, 1.00]")
+    assert "| forward+backward | 9.0 [9.0, 9.0] | 8.0 [8.0, 8.0] | +1.0 |" in lines
