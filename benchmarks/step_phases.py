@@ -8,8 +8,10 @@ shared expert. The default's routed experts are as wide as its shared expert, so
 routed part and the shared expert do the same expert FLOPs: their difference is what the
 routing and the 48 small matmuls cost over one large one.
 
-    python benchmarks/step_phases.py [--repeats 10] [--warmup 2] [--threads 2]
+    python benchmarks/step_phases.py [--repeats 40] [--warmup 5] [--threads 2]
 
+Both sides train on the shipped Hamlet with the learning-rate schedule of `himoe train`, so
+the timed steps (6-45 by default, as in `himoe bench --only train`) route as a user's do.
 Sides alternate A B A B in one process; each cell is the median [min, max] in ms. The last
 line is the ratio the whole step would reach if each MoE layer's routed part cost no more
 than its shared expert: an upper bound on what a faster dispatch alone can give.
@@ -29,7 +31,7 @@ from himoe.distributed.plan import Parallel
 from himoe.model import HiMoEModel
 from himoe.model.grad_sink import zero_grads
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import build_optimizer
+from himoe.training.optim import build_optimizer, set_scheduled_lr
 from himoe.training.step import write_expert_grads_in_place
 
 PHASES = ("forward+backward", "clip", "AdamW", "zero+bias", "step")
@@ -49,8 +51,9 @@ class Side:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.parallel = Parallel()
 
-    def step_ms(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
+    def step_ms(self, step: int, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
         """train_step's phases, timed one by one (train_step itself runs them back to back)."""
+        set_scheduled_lr(self.optimizer, step, self.cfg)
         marks = [time.perf_counter()]
         self.parallel.forward_backward(self.model, x_BT, y_BT)
         marks.append(time.perf_counter())
@@ -100,18 +103,21 @@ def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: 
     sides = {"default": Side(cfg_moe), "dense": Side(cfg_dense)}
     batches = sample_batches(data, cfg_moe, warmup + repeats, seed=0)
     steps = {name: [] for name in sides}
-    parts = []
+    parts, active = [], []
     x_TD = torch.randn(cfg_moe.batch_size * cfg_moe.block_size, cfg_moe.n_embd,
                        generator=torch.Generator().manual_seed(0), requires_grad=True)
     for i, (x_BT, y_BT) in enumerate(batches):
         for name, side in sides.items():
-            phases = side.step_ms(x_BT, y_BT)
+            phases = side.step_ms(i, x_BT, y_BT)
             if i >= warmup:
                 steps[name].append(phases)
+        if i >= warmup:  # before layer_parts_ms overwrites the last routing
+            active.append([int(moe.last_ids_TK.unique().numel())
+                           for moe in sides["default"].model.moe_layers.values()])
         ms = layer_parts_ms(sides["default"], x_TD)
         if i >= warmup:
             parts.append(ms)
-    return {"steps": steps, "parts": parts, "n_layer": cfg_moe.n_layer}
+    return {"steps": steps, "parts": parts, "n_layer": cfg_moe.n_layer, "active": active}
 
 
 def report(result: dict) -> list[str]:
@@ -124,7 +130,10 @@ def report(result: dict) -> list[str]:
         lines.append(f"| {phase} | {cell(a)} | {cell(b)} | "
                      f"{statistics.median(x - y for x, y in zip(a, b)):+.1f} |")
     ratios = [d[-1] / m[-1] for m, d in zip(moe, dense)]
-    lines += ["", f"Step ratio (dense ms / default ms, per repeat): "
+    per_layer = [statistics.median(a) for a in zip(*result["active"])]
+    lines += ["", "Experts with tokens in the timed steps, median per layer: "
+                  + " / ".join(f"{n:g}" for n in per_layer), "",
+              f"Step ratio (dense ms / default ms, per repeat): "
                   f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]", ""]
     parts = result["parts"]
     lines += ["| one MoE layer of the default, forward+backward | ms |", "| --- | --- |"]
@@ -139,8 +148,8 @@ def report(result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:

@@ -16,6 +16,8 @@ def test_steps_are_the_sum_of_their_phases_and_every_repeat_is_kept():
         assert len(rows) == 3
         for row in rows:
             assert len(row) == len(sp.PHASES) and abs(sum(row[:-1]) - row[-1]) < 1e-9
+    assert [len(a) for a in result["active"]] == [2, 2, 2]  # 2 MoE layers, 3 repeats
+    assert all(1 <= n <= 6 for a in result["active"] for n in a)  # 2 x 3 experts
     assert len(result["parts"]) == 3 and all(len(p) == len(sp.LAYER_PARTS)
                                              for p in result["parts"])
 
@@ -25,8 +27,9 @@ def test_bound_replaces_each_layers_routed_excess_by_nothing():
     # Default step 10 ms, dense 8 ms; the routed part costs 1 ms more than the shared expert
     # in each of 2 layers, so without that excess the default would take 8 ms: 1.00x.
     result = {"steps": {"default": [[9, 1, 0, 0, 10]], "dense": [[8, 0, 0, 0, 8]]},
-              "parts": [[0.5, 3.0, 2.0]], "n_layer": 2}
+              "parts": [[0.5, 3.0, 2.0]], "n_layer": 2, "active": [[5, 7], [9, 7]]}
     lines = sp.report(result)
     assert "Step ratio (dense ms / default ms, per repeat): 0.80x [0.80, 0.80]" in lines
     assert lines[-1].endswith("1.00x [1.00, 1.00]")
+    assert "Experts with tokens in the timed steps, median per layer: 7 / 7" in lines
     assert "| forward+backward | 9.0 [9.0, 9.0] | 8.0 [8.0, 8.0] | +1.0 |" in lines
