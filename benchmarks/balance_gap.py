@@ -44,7 +44,8 @@ def layer_counts(layer, num_experts: int) -> torch.Tensor:
     return torch.bincount(layer.last_ids_TK.reshape(-1), minlength=num_experts)
 
 
-def train(model_dir: str, overrides: dict, threads: int) -> Path:
+def train(model_dir: str, overrides: dict, threads: int) -> Path | None:
+    """Trains MODEL_DIR; returns its trace, or None for a model without MoE layers (dense)."""
     from himoe.config import HiMoEConfig
     from himoe.training.trainer import Trainer
 
@@ -64,6 +65,8 @@ def train(model_dir: str, overrides: dict, threads: int) -> Path:
     for n, layer in enumerate(trainer.model.moe_layers.values()):
         layer.register_forward_hook(record(n))
     trainer.train()
+    if not steps:  # dense: the same run, nothing to count
+        return None
     out = Path(f"{model_dir}.trace.npz")
     np.savez(out, counts_SLE=torch.stack([torch.stack(s) for s in steps]).numpy())
     return out
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--window", type=int, default=50)
     args = parser.parse_args(argv)
     if args.command == "train":
-        print(f"trace: {train(args.model_dir, json.loads(args.overrides), args.threads)}")
+        trace = train(args.model_dir, json.loads(args.overrides), args.threads)
+        print(f"trace: {trace}" if trace else "no MoE layers: no trace")
     else:
         measure(args.model_dir, args.batches, args.window)
     return 0

@@ -39,3 +39,9 @@ def test_trace_counts_every_step_and_measure_counts_as_each_row_says(tmp_path, c
     assert rows[2][1:] == [f"{v:.2f}" for v in bg.max_violation(counts)]  # val, eval mode
     assert rows[4][1:] == [f"{v:.2f}" for v in bg.max_violation(counts_SLE[-3:].sum(0))]
     assert len(rows) == 6 and "| counted on | layer 1 | layer 2 |" in capsys.readouterr().out
+
+
+def test_a_dense_run_trains_and_has_no_trace(tmp_path):
+    model_dir = tmp_path / "dense"
+    assert balance_gap().train(str(model_dir), TINY | {"router": "dense"}, threads=1) is None
+    assert (model_dir / "config.json").exists() and not Path(f"{model_dir}.trace.npz").exists()
