@@ -60,7 +60,7 @@ class ModelConfig(_Section):
     block_size: int = setting(128, "context window (tokens)", shape=True)
     num_moes: int = setting(6, "level-1 choices (MoE blocks, \"groups\")", shape=True)
     num_experts: int = setting(8, "level-2 choices per MoE block", shape=True)
-    dropout: float = setting(0.1, "dropout rate")
+    dropout: float = setting(0.0, "dropout rate (the card's is 0.1: --preset himoe-card)")
     # --- model shape (ours) ---
     top_k_groups: int = setting(1, "MoE blocks chosen per token (level 1)", shape=True)
     top_k_experts: int = setting(1, "experts chosen per chosen block (level 2)", shape=True)

@@ -188,6 +188,7 @@ def test_card_preset_is_the_cards_literal_routing():
     assert cfg.shared_hidden == 0 and cfg.ffn_hidden == 4 * cfg.n_embd  # one full expert
     assert not (cfg.switch_coef or cfg.z_coef or cfg.bias_update_rate or cfg.inter_coef
                 or cfg.intra_coef or cfg.capacity_factor)
+    assert cfg.dropout == 0.1 != HiMoEConfig().dropout  # the card's, not himoe's default
 
 
 def test_dense_baseline_ignores_the_shared_expert():
