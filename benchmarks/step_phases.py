@@ -84,12 +84,18 @@ def layer_parts_ms(side: Side, x_TD: torch.Tensor) -> list[float]:
         y = moe(x_TD.unsqueeze(0))
         return y.sum() + sum(moe.last_aux.values())
 
+    # A training-mode forward adds to the selection bias's counts: put them back, so these
+    # timings leave the next training step as it would have been.
+    buffers = [(b, b.clone()) for b in moe.router.buffers()]
     out = []
     for part in (router, routed, lambda: block.shared_ffn(x_TD).sum()):
         t0 = time.perf_counter()
         part().backward()
         zero_grads(side.model, side.optimizer)
+        x_TD.grad = None
         out.append(1000 * (time.perf_counter() - t0))
+    for buffer, saved in buffers:
+        buffer.copy_(saved)
     return out
 
 

@@ -1,6 +1,8 @@
 """benchmarks/step_phases.py: each side's step is the sum of its timed phases, and the bound
 prices each MoE layer's routed part at its shared expert's cost."""
 
+import torch
+
 from himoe.config import HiMoEConfig
 from tests.conftest import load_benchmark
 
@@ -33,3 +35,14 @@ def test_bound_replaces_each_layers_routed_excess_by_nothing():
     assert lines[-1].endswith("1.00x [1.00, 1.00]")
     assert "Experts with tokens in the timed steps, median per layer: 7 / 7" in lines
     assert "| forward+backward | 9.0 [9.0, 9.0] | 8.0 [8.0, 8.0] | +1.0 |" in lines
+
+
+def test_timing_a_layer_leaves_the_routers_counts_as_they_were():
+    sp = load_benchmark("step_phases")
+    side = sp.Side(HiMoEConfig(**TINY).validate())
+    router = side.model.moe_layers[0].router
+    before = [b.clone() for b in router.buffers()]
+    x_TD = torch.randn(8, 16, requires_grad=True)
+    assert len(sp.layer_parts_ms(side, x_TD)) == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, router.buffers()))
+    assert x_TD.grad is None
