@@ -22,11 +22,6 @@ torch.set_num_threads(1)
 
 
 
-def active(model) -> list[int]:
-    """Experts that got at least one token in the last forward, per MoE layer."""
-    return [int(m.last_ids_TK.unique().numel()) for m in model.moe_layers.values()]
-
-
 def median_per_layer(counts: list[list[int]]) -> list[float]:
     return [statistics.median(c[i] for c in counts) for i in range(len(counts[0]))]
 
@@ -40,7 +35,7 @@ def in_trainer(steps: int = 45) -> list[list[int]]:
 
     def counting_step(model, *args, **kwargs):
         loss = step(model, *args, **kwargs)
-        counts.append(active(model))
+        counts.append(bench.experts_with_tokens(model))
         return loss
 
     T.train_step = counting_step
@@ -56,7 +51,7 @@ def in_bench(steps: int = 17) -> list[list[int]]:
     counts = []
     for x_BT, y_BT in bench.sample_batches(data, cfg, steps, seed=0):
         side.step(x_BT, y_BT)
-        counts.append(active(side.model))
+        counts.append(bench.experts_with_tokens(side.model))
     return counts
 
 

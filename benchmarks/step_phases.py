@@ -25,35 +25,29 @@ import time
 
 import torch
 
-from himoe.bench.throughput import hamlet, sample_batches
+from himoe.bench.throughput import TrainSide, build, experts_with_tokens, hamlet, sample_batches
 from himoe.config import HiMoEConfig
 from himoe.distributed.plan import Parallel
-from himoe.model import HiMoEModel
 from himoe.model.grad_sink import zero_grads
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import build_optimizer, set_scheduled_lr
-from himoe.training.step import write_expert_grads_in_place
+from himoe.training.optim import set_scheduled_lr
 
 PHASES = ("forward+backward", "clip", "AdamW", "zero+bias", "step")
 LAYER_PARTS = ("router", "routed part", "shared expert")
 
 
-class Side:
-    """A model, its optimiser and the training settings, as `himoe train` builds them."""
+class Side(TrainSide):
+    """`himoe bench`'s training side (model, optimiser and sinks as `himoe train` builds
+    them), with train_step's phases timed one by one."""
 
     def __init__(self, cfg: HiMoEConfig):
-        torch.manual_seed(cfg.seed)
-        self.cfg = cfg
-        self.model = HiMoEModel(cfg).train()
-        if cfg.router != "dense":
-            write_expert_grads_in_place(self.model)  # as the trainer does in one process
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        super().__init__(build(cfg, cfg.seed), cfg)
         self.parallel = Parallel()
 
-    def step_ms(self, step: int, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
+    def step_ms(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
         """train_step's phases, timed one by one (train_step itself runs them back to back)."""
-        set_scheduled_lr(self.optimizer, step, self.cfg)
+        set_scheduled_lr(self.optimizer, self.steps_done, self.cfg)
+        self.steps_done += 1
         marks = [time.perf_counter()]
         self.parallel.forward_backward(self.model, x_BT, y_BT)
         marks.append(time.perf_counter())
@@ -63,7 +57,7 @@ class Side:
         self.optimizer.grad_scale = None
         marks.append(time.perf_counter())
         zero_grads(self.model, self.optimizer)
-        if self.cfg.bias_update_rate and self.cfg.router != "dense":
+        if self.cfg.bias_update_rate:
             self.model.update_balance_biases()
         marks.append(time.perf_counter())
         phases = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
@@ -114,12 +108,11 @@ def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: 
                        generator=torch.Generator().manual_seed(0), requires_grad=True)
     for i, (x_BT, y_BT) in enumerate(batches):
         for name, side in sides.items():
-            phases = side.step_ms(i, x_BT, y_BT)
+            phases = side.step_ms(x_BT, y_BT)
             if i >= warmup:
                 steps[name].append(phases)
         if i >= warmup:  # before layer_parts_ms overwrites the last routing
-            active.append([int(moe.last_ids_TK.unique().numel())
-                           for moe in sides["default"].model.moe_layers.values()])
+            active.append(experts_with_tokens(sides["default"].model))
         ms = layer_parts_ms(sides["default"], x_TD)
         if i >= warmup:
             parts.append(ms)

@@ -125,6 +125,12 @@ def build(cfg: HiMoEConfig, seed: int = 1337) -> HiMoEModel:
     return HiMoEModel(cfg)
 
 
+def experts_with_tokens(model: HiMoEModel) -> list[int]:
+    """Per MoE layer, how many experts got at least one token in the last forward: the
+    per-expert work of a step on a CPU grows with it."""
+    return [int(m.last_ids_TK.unique().numel()) for m in model.moe_layers.values()]
+
+
 def sample_batches(data: torch.Tensor, cfg: HiMoEConfig, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     return [get_batch(data, cfg.batch_size, cfg.block_size, gen) for _ in range(n)]
