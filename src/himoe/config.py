@@ -74,6 +74,11 @@ class ModelConfig(_Section):
     switch_coef: float = setting(0.01, "Switch load-balancing loss coefficient (per level "
                                  "for the hierarchical router)")
     z_coef: float = setting(0.0, "router z-loss coefficient")
+    seq_switch_coef: float = setting(0.0, "hierarchical router: Switch loss within each "
+                                     "sequence, over all experts (DeepSeek-V3's sequence-wise "
+                                     "balance loss)")
+    router_jitter: float = setting(0.0, "hierarchical router: in training, scale the router's "
+                                   "input by uniform noise in [1-eps, 1+eps] (Switch: 0.01)")
     inter_coef: float = setting(0.0, "Hi-MoE inter-group balancing R_inter (lambda2; paper: "
                                 "0.05)")
     intra_coef: float = setting(0.0, "Hi-MoE intra-group specialisation R_intra (lambda1; "
@@ -270,7 +275,7 @@ UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "e
     "capacity_factor": 10**6, "ema_beta": 1}
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
-         "router_temp", "bias_update_rate")
+         "router_temp", "bias_update_rate", "seq_switch_coef", "router_jitter")
 _FIELDS = dataclasses.fields(HiMoEConfig)
 FLAG_NAMES = {f.name: f.metadata["flag"] for f in _FIELDS if "flag" in f.metadata}
 CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS if "choices" in f.metadata}
@@ -341,6 +346,13 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
                 f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
     if cfg.lr == 0:
         return f"{flag('lr')} must be greater than 0", "pass e.g. 3e-4"
+    if cfg.router_jitter >= 1:
+        return (f"{flag('router_jitter')} must be below 1, got {cfg.router_jitter}",
+                "pass e.g. 0.01")
+    if (cfg.seq_switch_coef or cfg.router_jitter) and cfg.router != "hierarchical":
+        name = "seq_switch_coef" if cfg.seq_switch_coef else "router_jitter"
+        return (f"{flag(name)} is an option of the hierarchical router, not of "
+                f"{flag('router')} {cfg.router}", f"drop {flag(name)} or use --router hierarchical")
     if cfg.dropout >= 1:
         return f"{flag('dropout')} must be below 1, got {cfg.dropout}", "pass e.g. 0.1"
     if cfg.router_temp == 0:

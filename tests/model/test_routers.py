@@ -12,7 +12,7 @@ from himoe.analysis.balance import load_figures
 from himoe.checkpoint import card as checkpoint
 from himoe.cli.presets import PRESETS, preset_values
 from himoe.config import HiMoEConfig
-from himoe.model import HiMoEModel
+from himoe.model import HiMoEModel, losses
 from himoe.model.routers.flat import GroupLimitedRouter, TopKRouter
 from himoe.model.routers.registry import build_router
 from himoe.training.trainer import Trainer
@@ -140,6 +140,70 @@ def test_two_level_switch_loss_balances_a_skewed_router():
     after = figures()
     assert before["expert_cv"] > 1.5 and after["expert_cv"] < 0.4
     assert after["group_cv"] < before["group_cv"] and after["dead_experts"] == 0
+
+
+def test_sequence_switch_loss_is_the_switch_loss_of_each_sequence_averaged():
+    torch.manual_seed(0)
+    p_TE = F.softmax(torch.randn(6 * 5, 8), -1)
+    ids_TK = torch.randint(0, 8, (6 * 5, 2))
+    naive = torch.stack([losses.switch_loss(p_TE[s:s + 5], ids_TK[s:s + 5])
+                         for s in range(0, 30, 5)]).mean()
+    torch.testing.assert_close(losses.sequence_switch_loss(p_TE, ids_TK, 5), naive)
+
+
+def test_sequence_switch_loss_spreads_each_sequence_over_experts():
+    """Sequences whose tokens all look alike. The batch-wide Switch loss balances them by
+    sending each whole sequence to its own expert; the sequence-wise loss spreads every
+    sequence over several."""
+    cfg = tiny_config(num_moes=2, num_experts=4, switch_coef=1.0, seq_switch_coef=1.0)
+    L = 32
+    torch.manual_seed(4)
+    x_TD = (3 * torch.randn(16, 1, cfg.n_embd) + 0.3 * torch.randn(16, L, cfg.n_embd)).view(
+        -1, cfg.n_embd)
+
+    def experts_per_sequence(loss: str) -> tuple[float, float]:
+        torch.manual_seed(4)
+        r = build_router(cfg).train()
+
+        def count():
+            ids_SL = r(x_TD, seq_len=L).ids_TK.view(16, L)
+            return sum(len(row.unique()) for row in ids_SL) / 16
+
+        before = count()
+        opt = torch.optim.Adam(r.parameters(), lr=0.05)
+        for _ in range(100):
+            opt.zero_grad()
+            r(x_TD, seq_len=L).aux[loss].backward()
+            opt.step()
+        return before, count()
+
+    before, batch_wide = experts_per_sequence("switch")
+    _, sequence_wise = experts_per_sequence("seq_switch")
+    assert before < 2 and batch_wide < 2 and sequence_wise > 4
+
+
+def test_router_jitter_flips_near_ties_in_training_only():
+    """Jitter moves the choice of tokens that are near a tie between two groups, in training;
+    tokens far from any tie, and evaluation, keep their choice."""
+    torch.manual_seed(5)
+    cfg = tiny_config(router_jitter=0.05)
+    r = build_router(cfg)
+    x_TD = torch.randn(4096, cfg.n_embd)
+    top2_T2 = F.softmax(x_TD @ r.main_weight_ND.t(), -1).topk(2, dim=-1).values
+    margin_T = top2_T2[:, 0] - top2_T2[:, 1]
+    near, far = margin_T < 1e-3, margin_T > 0.1
+    r.eval()
+    reference = r(x_TD).ids_TK
+    plain = build_router(dataclasses.replace(cfg, router_jitter=0.0))
+    plain.load_state_dict(r.state_dict())
+    assert torch.equal(plain.eval()(x_TD).ids_TK, reference)
+    r.train()
+    flipped_T = torch.zeros(len(x_TD), dtype=torch.bool)
+    for _ in range(20):
+        flipped_T |= r(x_TD).ids_TK[:, 0] // cfg.num_experts != reference[:, 0] // cfg.num_experts
+    assert near.sum() >= 5 and flipped_T[near].float().mean() > 0.5
+    assert not flipped_T[far].any()
+    assert torch.equal(r.eval()(x_TD).ids_TK, reference)
 
 
 @pytest.mark.slow  # seconds of whole training runs

@@ -18,6 +18,19 @@ def switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
     return E * (f_E * probs_TE.mean(0)).sum()
 
 
+def sequence_switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
+                         seq_len: int) -> torch.Tensor:
+    """switch_loss within each run of seq_len tokens, averaged over the runs (DeepSeek-V3's
+    sequence-wise balance loss). A batch can be balanced while each sequence sends its
+    tokens to a few experts; this term sees that, the batch-wide one does not."""
+    E = probs_TE.shape[1]
+    ids_SL = ids_TK.reshape(-1, seq_len * ids_TK.shape[1])  # S sequences, L = their slots
+    counts_SE = torch.zeros(ids_SL.shape[0], E, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_SE.scatter_add_(1, ids_SL, torch.ones_like(ids_SL, dtype=probs_TE.dtype))
+    f_SE = counts_SE / seq_len
+    return E * (f_SE * probs_TE.view(-1, seq_len, E).mean(1)).sum(-1).mean()
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean_x logsumexp(z)^2: keeps router logits small, so softmax stays well conditioned."""
     return logits_TE.logsumexp(-1).square().mean()

@@ -18,6 +18,7 @@ class MoELayer(nn.Module):
         self.router = build_router(cfg, layer)
         self.experts = ExpertBank(cfg.total_experts, cfg.n_embd, cfg.ffn_hidden, cfg.n_layer)
         self.capacity_factor = cfg.capacity_factor
+        self.seq_balanced = cfg.seq_switch_coef > 0
         self.num_real_experts = len(cfg.real_slots(layer))  # fewer than E with ragged groups
         # The last forward's choices, detached: read by balance figures, logs and analysis.
         self.last_ids_TK: torch.Tensor | None = None
@@ -34,7 +35,8 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        routing = self.router(x_TD)
+        # Only routers that take a sequence-wise loss are told where sequences end.
+        routing = self.router(x_TD, seq_len=T) if self.seq_balanced else self.router(x_TD)
         self.last_aux, self._entropy = routing.aux, routing.entropy
         ids_TK = routing.ids_TK
         if self.capacity_factor > 0:

@@ -39,9 +39,14 @@ class HierarchicalRouter(nn.Module):
                              persistent=False)
         self.ragged = min(cfg.group_sizes(layer)) < cfg.num_experts  # no tensor read: may be meta
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, seq_len: int = 0) -> Routing:
+        """seq_len: tokens per sequence (x_TD is sequences back to back), for the
+        sequence-wise balance loss; only read when cfg.seq_switch_coef is on."""
         cfg = self.cfg
         N, M = cfg.num_moes, cfg.num_experts
+        if self.training and cfg.router_jitter:  # Switch Transformer's multiplicative jitter
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.router_jitter,
+                                                          1 + cfg.router_jitter)
         # Both levels' logits, all N*M of level 2 (M is small), in one matmul: on a CPU two
         # skinny matmuls and their backward cost ~2% of a card step more. Only the chosen
         # groups' level-2 rows are kept, so gradient reaches only the routers picked.
@@ -73,10 +78,13 @@ class HierarchicalRouter(nn.Module):
         if cfg.z_coef:
             aux["z"] = cfg.z_coef * (losses.z_loss(logits1_TN)
                                      + losses.z_loss(logits2_TGM.reshape(-1, M)))  # -inf: exp 0
-        if cfg.inter_coef or cfg.intra_coef:
+        if cfg.inter_coef or cfg.intra_coef or cfg.seq_switch_coef:
             # The joint distribution over all experts: pi[g*M + j] = p1[g] * p2[g, j].
             pi_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
             aux |= hi_moe_terms(cfg, pi_TE, self.intra_scale)
+            if cfg.seq_switch_coef:
+                aux["seq_switch"] = cfg.seq_switch_coef * losses.sequence_switch_loss(
+                    pi_TE, ids_TK, seq_len or len(x_TD))
         p1_TN, logits2_TNM = p1_TN.detach(), logits2_TNM.detach()
         return Routing(ids_TK, weights_TK, aux, lambda: routing_entropy(p1_TN, logits2_TNM))
 
