@@ -46,7 +46,9 @@ def test_dispatch_matches_per_token_reference_forward_and_backward(k, drop_rate)
     assert torch.all(got[1][drop] == 0)  # a dropped slot's weight gets no gradient
 
 
-def test_grouped_mm_path_equals_the_loop_forward_and_backward():
+def test_grouped_mm_paths_equal_the_loop_forward_and_backward():
+    """The GPU path (grouped_mm and its own backward), the CPU path with grouped_mm for the
+    forward and input gradient, and the CPU path's per-expert loop: the same values."""
     if not grouped_mm_supported("cpu", torch.float32):
         pytest.skip("grouped_mm not available in this torch build")
     torch.manual_seed(1)
@@ -54,13 +56,15 @@ def test_grouped_mm_path_equals_the_loop_forward_and_backward():
     w = torch.randn(4, 16, 8, requires_grad=True)
     b = torch.randn(4, 8, requires_grad=True)
     counts = torch.tensor([3, 0, 7, 0])  # two experts receive no tokens
+    segments = segments_of(counts.tolist())
     results = []
-    for use_gmm in (True, False):
-        y = segment_linear(x, w, b, counts, segments_of(counts.tolist()), use_gmm)
+    for segs, use_gmm in ((None, True), (segments, True), (segments, False)):
+        y = segment_linear(x, w, b, counts, segs, use_gmm)
         results.append((y, *torch.autograd.grad(y.square().sum(), [x, w, b])))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    assert torch.all(results[1][2][[1, 3]] == 0)
+    for variant in results[:2]:
+        for got, want in zip(variant, results[2]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert torch.all(results[1][2][[1, 3]] == 0) and torch.all(results[2][2][[1, 3]] == 0)
 
 
 def test_one_group_of_one_expert_is_a_dense_ffn():
