@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from himoe.errors import UserError
-from himoe.model.routers.registry import router_names, router_spec
+from himoe.model.routers.registry import ROUTER_OPTIONS, router_names, router_spec
 
 REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -349,10 +349,11 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
     if cfg.router_jitter >= 1:
         return (f"{flag('router_jitter')} must be below 1, got {cfg.router_jitter}",
                 "pass e.g. 0.01")
-    if (cfg.seq_switch_coef or cfg.router_jitter) and cfg.router != "hierarchical":
-        name = "seq_switch_coef" if cfg.seq_switch_coef else "router_jitter"
-        return (f"{flag(name)} is an option of the hierarchical router, not of "
-                f"{flag('router')} {cfg.router}", f"drop {flag(name)} or use --router hierarchical")
+    for name in ROUTER_OPTIONS:
+        if getattr(cfg, name) and name not in router_spec(cfg.router).options:
+            return (f"{flag(name)} is not an option of {flag('router')} {cfg.router}",
+                    f"drop {flag(name)}, or pick a router that has it: " + ", ".join(
+                        r for r in router_names() if name in router_spec(r).options))
     if cfg.dropout >= 1:
         return f"{flag('dropout')} must be below 1, got {cfg.dropout}", "pass e.g. 0.1"
     if cfg.router_temp == 0:

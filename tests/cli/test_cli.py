@@ -78,6 +78,10 @@ def test_card_script_resume_and_generate(tmp_path):
     (["train", "--resume", "--model_dir", "/nonexistent/model"], "does not exist"),
     (["generate", "--model_dir", "/nonexistent/model"], "does not exist"),
     (["train", "--routr", "dense"], "unrecognized"),
+    (["train", "--router", "topk", "--router_jitter", "0.01"],
+     "--router_jitter is not an option of --router topk; drop --router_jitter, or pick a "
+     "router that has it: hierarchical"),
+    (["train", "--router_jitter", "1"], "--router_jitter must be below 1"),
 ])
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):

@@ -33,6 +33,9 @@ WEIGHT = "weight"  # the gate matrix of a router file, one row per choice
 # The flags that balance a router and a value that works, named in the warning for a
 # collapsed layer (those still off in the run).
 FLAT_LEVERS = (("switch_coef", 0.01), ("bias_update_rate", 1e-3))
+# Settings that only some router types read; a type names those it reads in `options`, and
+# a run that sets one its router does not read is refused.
+ROUTER_OPTIONS = ("seq_switch_coef", "router_jitter")
 
 
 def _top_k(cfg: ModelConfig) -> int:
@@ -75,6 +78,7 @@ class RouterSpec:
     hf_name: str | None = None
     hf_training_only: tuple[str, ...] = ()  # router state the export leaves out
     balance_levers: tuple[tuple[str, float], ...] = FLAT_LEVERS
+    options: tuple[str, ...] = ()  # which of ROUTER_OPTIONS it reads
     # Lines for the balancing that acts at selection time (the trainer's routing summary).
     selection: Callable[[ModelConfig], list[str]] = _nothing
     # The gate matrices (router state names): all zero, every logit is 0 for every token,
@@ -160,7 +164,7 @@ register_router(RouterSpec(
     group_entries=((WEIGHT, "group_weight_NMD"), (BALANCE_BIAS, "expert_bias_E")),
     hf_name="hierarchical", gates=("main_weight_ND", "group_weight_NMD"),
     balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.5),
-                    ("bias_update_rate", 1e-3))))
+                    ("bias_update_rate", 1e-3)), options=ROUTER_OPTIONS))
 register_router(RouterSpec(
     "grouped", "Hi-MoE", _routing_class("flat", "GroupedRouter"),
     experts_per_token=lambda cfg: cfg.num_moes * cfg.top_k_experts,  # top-k in every group
