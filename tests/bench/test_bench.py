@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from himoe.bench.throughput import REPORT_BEGIN, REPORT_END, with_report
+
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "| benchmark | measured (median) | baseline (median) | ratio median [min, max] |"
 ROWS = ("| card training in one process:", "| grouped 6 x top-1", "| generation of",
@@ -30,6 +32,18 @@ def test_bench_smoke_writes_a_report_with_every_section(tmp_path):
     assert "- machine:" in report and "- torch " in report
     assert f"- command: `himoe bench --smoke --only {IN_PROCESS} --out " in report
     assert not list(tmp_path.glob(".b.md.*"))  # the temporary file was renamed into place
+
+
+def test_a_report_replaces_only_the_last_report_in_its_file():
+    first = with_report(None, "run 1\n")
+    notes = "# My notes\n\nkept\n" + first + "\nmore notes\n"
+    second = with_report(notes, "run 2\n")
+    assert second == ("# My notes\n\nkept\n" + first.replace("run 1", "run 2")
+                      + "\nmore notes\n")
+    assert "run 1" not in second and second.count(REPORT_BEGIN) == 1
+    # A file that holds no report (a user's own benchmarks.md) keeps all it had.
+    theirs = with_report("their table\n", "run 3\n")
+    assert theirs.startswith("their table\n\n") and theirs.endswith("run 3\n" + REPORT_END + "\n")
 
 
 @pytest.mark.slow

@@ -406,12 +406,30 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+# The report goes between these two lines, and a run replaces only what is between them:
+# notes written around an earlier report, or a file that never held one, are kept.
+REPORT_BEGIN = "<!-- himoe bench report: begin -->"
+REPORT_END = "<!-- himoe bench report: end -->"
+
+
+def with_report(old: str | None, report_text: str) -> str:
+    """The file's text `old` (None: no file yet) with its report block replaced by
+    report_text; a text without a block gets one at its end."""
+    block = f"{REPORT_BEGIN}\n{report_text}{REPORT_END}\n"
+    if old is None:
+        return block
+    start, end = old.find(REPORT_BEGIN), old.find(REPORT_END)
+    if 0 <= start < end:
+        return old[:start] + block + old[end + len(REPORT_END):].removeprefix("\n")
+    return old + ("\n" if old.endswith("\n") else "\n\n") + block
+
+
 def report(rows: list[Row], settings: Settings, command: str) -> str:
     shape = "tiny (--smoke) sizes" if settings.smoke else "the card's sizes"
     cfg = HiMoEConfig(**settings.sizes)
     batch = f"{cfg.batch_size} x {cfg.block_size} tokens"
     return "\n".join([
-        "# Benchmarks", "",
+        "## Latest `himoe bench` run", "",
         f"Measured side by side in one process, {shape}, fp32 on the CPU: "
         f"{settings.repeats} timed repeats per side, alternating A B A B, after a warm-up "
         f"({settings.warmup} untimed training steps per side); a training repeat times "
@@ -481,8 +499,9 @@ def build_parser(prog: str) -> Parser:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (default: 2, or 1 with --smoke)")
     p.add_argument("--out", type=Path, default=default_out(),
-                   help="the Markdown report (default: docs/benchmarks.md when himoe runs from "
-                        "a source checkout, else benchmarks.md in the current directory)")
+                   help="the Markdown file whose report block this run replaces, keeping "
+                        "the rest (default: docs/benchmarks.md when himoe runs from a source "
+                        "checkout, else benchmarks.md in the current directory)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes, 2 repeats of 1 step: checks that it runs, in seconds")
     p.add_argument("--only", type=sections, default=list(SECTIONS),
@@ -535,7 +554,9 @@ def main(argv: list[str] | None = None, prog: str = "python benchmarks/throughpu
         memory_child(settings)
         return 0
     rows = run_sections(args.only, settings)
-    write_atomic(report(rows, settings, shlex.join([*shlex.split(prog), *argv])), args.out)
+    old = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
+    write_atomic(with_report(old, report(rows, settings, shlex.join([*shlex.split(prog), *argv]))),
+                 args.out)
     print(table(rows))
     print(f"report written to {args.out}")
     return 0
