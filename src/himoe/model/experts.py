@@ -84,11 +84,13 @@ class _SegmentLinear(torch.autograd.Function):
         x_SI, w_EIO = ctx.saved_tensors
         g_SO = g_SO.contiguous()
         segments = ctx.segments
-        dx_SI = None
-        if ctx.needs_input_grad[0] and ctx.offs_E is not None:
+        loop_dx = ctx.needs_input_grad[0] and ctx.offs_E is None
+        if not ctx.needs_input_grad[0]:
+            dx_SI = None
+        elif loop_dx:
+            dx_SI = x_SI.new_empty(x_SI.shape)
+        else:
             dx_SI = F.grouped_mm(g_SO, w_EIO.transpose(1, 2), offs=ctx.offs_E)
-        per_expert_dx_SI = x_SI.new_empty(x_SI.shape) if (
-            ctx.needs_input_grad[0] and dx_SI is None) else None
         sink = ctx.sink if ctx.needs_input_grad[1] else None
         dw_EIO = None
         if sink is not None:
@@ -99,16 +101,14 @@ class _SegmentLinear(torch.autograd.Function):
                 dw_EIO[e].zero_()  # an idle expert gets a zero gradient, not none
         db_EO = g_SO.new_zeros(w_EIO.shape[0], w_EIO.shape[2]) if ctx.needs_input_grad[2] else None
         for e, rows in segments:
-            if per_expert_dx_SI is not None:
-                torch.mm(g_SO[rows], w_EIO[e].t(), out=per_expert_dx_SI[rows])
+            if loop_dx:
+                torch.mm(g_SO[rows], w_EIO[e].t(), out=dx_SI[rows])
             if sink is not None:
                 sink.write(e, x_SI[rows].t(), g_SO[rows])
             elif dw_EIO is not None:
                 torch.mm(x_SI[rows].t(), g_SO[rows], out=dw_EIO[e])
             if db_EO is not None:
                 torch.sum(g_SO[rows], dim=0, out=db_EO[e])
-        if per_expert_dx_SI is not None:
-            dx_SI = per_expert_dx_SI
         return dx_SI, dw_EIO, db_EO, None, None, None, None
 
 
