@@ -346,16 +346,14 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
                 f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
     if cfg.lr == 0:
         return f"{flag('lr')} must be greater than 0", "pass e.g. 3e-4"
-    if cfg.router_jitter >= 1:
-        return (f"{flag('router_jitter')} must be below 1, got {cfg.router_jitter}",
-                "pass e.g. 0.01")
     for name in ROUTER_OPTIONS:
         if getattr(cfg, name) and name not in router_spec(cfg.router).options:
             return (f"{flag(name)} is not an option of {flag('router')} {cfg.router}",
                     f"drop {flag(name)}, or pick a router that has it: " + ", ".join(
                         r for r in router_names() if name in router_spec(r).options))
-    if cfg.dropout >= 1:
-        return f"{flag('dropout')} must be below 1, got {cfg.dropout}", "pass e.g. 0.1"
+    for name, example in (("dropout", "0.1"), ("router_jitter", "0.01")):
+        if getattr(cfg, name) >= 1:
+            return f"{flag(name)} must be below 1, got {getattr(cfg, name)}", f"pass e.g. {example}"
     if cfg.router_temp == 0:
         return f"{flag('router_temp')} must be greater than 0", "pass e.g. 1.0"
     for name, allowed in CHOICES.items():

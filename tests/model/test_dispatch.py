@@ -57,9 +57,10 @@ def test_grouped_mm_paths_equal_the_loop_forward_and_backward():
     b = torch.randn(4, 8, requires_grad=True)
     counts = torch.tensor([3, 0, 7, 0])  # two experts receive no tokens
     segments = segments_of(counts.tolist())
+    offs = counts.cumsum(0).to(torch.int32)
     results = []
-    for segs, use_gmm in ((None, True), (segments, True), (segments, False)):
-        y = segment_linear(x, w, b, counts, segs, use_gmm)
+    for offs_E, segs in ((offs, None), (offs, segments), (None, segments)):
+        y = segment_linear(x, w, b, counts, offs_E, segs)
         results.append((y, *torch.autograd.grad(y.square().sum(), [x, w, b])))
     for variant in results[:2]:
         for got, want in zip(variant, results[2]):

@@ -113,21 +113,20 @@ class _SegmentLinear(torch.autograd.Function):
 
 
 def segment_linear(x_SI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor,
-                   counts_E: torch.Tensor, segments: Segments | None, use_grouped_mm: bool,
-                   sink: GradSink | None = None):
+                   counts_E: torch.Tensor, offs_E: torch.Tensor | None,
+                   segments: Segments | None, sink: GradSink | None = None):
     """Rows of x_SI are sorted by expert, counts_E rows for each expert in turn; returns
-    x @ w[e] + b[e] for every row. On a GPU (segments None): grouped_mm and its own backward
+    x @ w[e] + b[e] for every row. offs_E: the counts' running sum as int32, where grouped_mm
+    runs (None: it does not). On a GPU (segments None): grouped_mm and its own backward
     (fast there, and no host sync). On a CPU (segments: segments_of the counts, read on the
     host): _SegmentLinear, with grouped_mm for the forward and the input gradient where
-    use_grouped_mm, the weight gradient written into w's .grad by `sink` where one is given."""
+    offs_E is given, the weight gradient written into w's .grad by `sink` where one is."""
     if segments is None:
-        offs_E = counts_E.cumsum(0).to(torch.int32)
         y_SO = F.grouped_mm(x_SI, w_EIO, offs=offs_E)
         if y_SO.requires_grad:
             # grouped_mm's backward rejects non-contiguous (e.g. broadcast) gradients.
             y_SO.register_hook(lambda g: g.contiguous())
         return y_SO + b_EO.repeat_interleave(counts_E, dim=0, output_size=x_SI.shape[0])
-    offs_E = counts_E.cumsum(0).to(torch.int32) if use_grouped_mm else None
     return _SegmentLinear.apply(x_SI, w_EIO, b_EO, segments, counts_E, offs_E, sink)
 
 
@@ -178,15 +177,16 @@ class ExpertBank(nn.Module):
         dtype = self.compute_dtype(device)
         # Chosen once per device and dtype: grouped_mm where it runs, else per-expert matmuls.
         use_gmm = grouped_mm_supported(device, dtype)
-        # On a CPU, one host read of the counts, for both matmuls' per-expert loops.
+        # Both matmuls share the offsets and, on a CPU, one host read of the counts.
+        offs_E = counts_E.cumsum(0).to(torch.int32) if use_gmm else None
         segments = None if use_gmm and device == "cuda" else segments_of(counts_E.tolist())
         # A sink writes into the parameter's own .grad, so only where no cast comes between.
         sink1, sink2 = (self.grad_sinks if self.grad_sinks and dtype == self.w1_EDF.dtype
                         else (None, None))
         h_SF = segment_linear(x_SD.to(dtype), self.w1_EDF.to(dtype), self.b1_EF.to(dtype),
-                              counts_E, segments, use_gmm, sink1)
+                              counts_E, offs_E, segments, sink1)
         return segment_linear(F.gelu(h_SF), self.w2_EFD.to(dtype), self.b2_ED.to(dtype),
-                              counts_E, segments, use_gmm, sink2)
+                              counts_E, offs_E, segments, sink2)
 
 
 class DenseFFN(nn.Module):
