@@ -11,9 +11,10 @@ and .run views.
 
 Help text lives beside each field (metadata "help"); `himoe train` builds its flags from
 it. The defaults are the card's, but for its routing: the card's literal routing (no
-balancing, one full-width routed expert) collapses onto one expert, so the default adds a
-shared expert with half the active width and the two-level Switch loss
-(docs/routing_study.md); `--preset himoe-card` restores the card's routing exactly.
+balancing, one full-width routed expert) collapses onto one expert, so the default takes
+two narrower experts of the chosen group beside a shared expert of a quarter of the active
+width, with the two-level Switch loss and the loss-free bias (docs/routing_study.md);
+`--preset himoe-card` restores the card's routing exactly.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class ModelConfig(_Section):
     dropout: float = setting(0.0, "dropout rate (the card's is 0.1: --preset himoe-card)")
     # --- model shape (ours) ---
     top_k_groups: int = setting(1, "MoE blocks chosen per token (level 1)", shape=True)
-    top_k_experts: int = setting(1, "experts chosen per chosen block (level 2)", shape=True)
+    top_k_experts: int = setting(2, "experts chosen per chosen block (level 2)", shape=True)
     ffn_mult: int = setting(4, "expert hidden width as a multiple of n_embd", shape=True)
     router: str = setting("hierarchical", "a himoe.model.routers.registry name; dense: one "
                           "plain FFN", shape=True)
@@ -92,11 +93,12 @@ class ModelConfig(_Section):
                                 "to sum to 1 (MiniMoE)")
     bias_update_rate: float = setting(1e-3, "loss-free balancing: selection-bias step per "
                                       "optimiser step (DeepSeek-V3: 1e-3; 0 = off)")
-    shared_fraction: float = setting(0.5, "share of the active FFN width (ffn_mult * n_embd) "
+    shared_fraction: float = setting(0.25, "share of the active FFN width (ffn_mult * n_embd) "
                                      "given to a shared expert that every token runs beside "
                                      "its routed one (0: none)", shape=True)
-    expert_hidden: int = setting(0, "routed expert width (0: ffn_mult * n_embd less the "
-                                 "shared expert's)", shape=True)
+    expert_hidden: int = setting(0, "routed expert width (0: what the shared expert leaves "
+                                 "of ffn_mult * n_embd, split over the experts a token runs)",
+                                 shape=True)
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
     group_experts: list[list[int]] | None = setting(None, "", shape=True, no_flag=True)
@@ -124,8 +126,14 @@ class ModelConfig(_Section):
 
     @property
     def ffn_hidden(self) -> int:
-        """Width of each routed expert (of the one FFN, for the dense baseline)."""
-        return self.expert_hidden or self.ffn_mult * self.n_embd - self.shared_hidden
+        """Width of each routed expert (of the one FFN, for the dense baseline). Unless set,
+        a token's experts and the shared expert together are the card's one expert wide
+        (ffn_mult * n_embd), each routed expert rounded to a multiple of 8 for aligned
+        matmuls: routing schemes then compare at equal active parameters."""
+        if self.expert_hidden:
+            return self.expert_hidden
+        routed, k = self.ffn_mult * self.n_embd - self.shared_hidden, self.experts_per_token
+        return routed if k == 1 else max(8, round(routed / k / 8) * 8)
 
     @property
     def total_experts(self) -> int:
@@ -240,14 +248,21 @@ class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
 
     @classmethod
-    def from_dict(cls, data: dict) -> HiMoEConfig:
+    def from_dict(cls, data: dict, file_format: int = 2) -> HiMoEConfig:
+        """file_format: the himoe_format of the config.json the values come from."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"config.json has unknown keys {unknown}; it was written by a "
                             "newer himoe, upgrade the package")
         # Written before shared experts existed: such a model has none.
-        return cls(**{"shared_fraction": 0.0, **data})
+        cfg = cls(**{"shared_fraction": 0.0, **data})
+        if file_format < 2 and not cfg.expert_hidden and cfg.experts_per_token > 1:
+            # Format 1's expert_hidden 0 gave every routed expert all that the shared expert
+            # leaves, however many experts a token runs.
+            cfg = dataclasses.replace(
+                cfg, expert_hidden=cfg.ffn_mult * cfg.n_embd - cfg.shared_hidden)
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

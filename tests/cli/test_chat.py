@@ -18,7 +18,7 @@ from himoe.training.trainer import Trainer
 from tests.edit.test_experts import small_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TAG = re.compile(r"(.)\[(\d\.\d\|\d\.\d)\]\n?", re.S)
+TAG = re.compile(r"(.)\[(\d\.\d(?:[+|]\d\.\d)*)\]\n?", re.S)  # g.j+g.j|g.j+g.j: layers, then k
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,9 @@ def test_show_routing_prints_each_tokens_experts_per_layer(model_dir):
     assert len(shown) == len(new) == 8
     # Each tag is the routing of that token as the model reads it, after what came before.
     trace = routing_trace(chat.model, chat.tok.encode("Ham.\n") + new)[-len(new):]
-    expect = ["|".join(f"{c['group']}.{c['expert']}" for c in token) for token in trace]
+    expect = ["|".join("+".join(f"{c['group']}.{c['expert']}" for c in token
+                                if c["layer"] == layer) for layer in (1, 2)) for token in trace]
+    assert all(tag.count("+") == 2 for tag in expect)  # the default's two experts, two layers
     assert [tag for _, tag in shown] == expect
     coloured = io.StringIO()
     session(model_dir, coloured, show_routing=True, colour=True).reply("Ham.")

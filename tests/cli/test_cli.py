@@ -44,8 +44,10 @@ def test_train_writes_everything_the_card_promises(n_layer, tmp_path):
     assert len((model_dir / "sample.txt").read_text()) == 400  # 400 character tokens
     log = json.loads((model_dir / "routing_log.json").read_text())
     assert len(log) == 50
+    k = meta["config"]["top_k_groups"] * meta["config"]["top_k_experts"]  # 2 by default
     for entry in log:
-        assert [c["layer"] for c in entry["routing"]] == list(range(1, n_layer + 1))
+        assert [c["layer"] for c in entry["routing"]] == [
+            layer for layer in range(1, n_layer + 1) for _ in range(k)]
         assert all(1 <= c["group"] <= 3 and 1 <= c["expert"] <= 2 for c in entry["routing"])
     evals = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [10, 20]

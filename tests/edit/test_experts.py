@@ -55,9 +55,10 @@ def test_list_has_one_row_per_expert_and_router_file(models, capsys):
     assert code == 0, err
     rows = [line.split() for line in out.splitlines() if line.startswith("layer_")]
     assert len(rows) == 2 * (1 + 2 * (1 + 2))  # per layer: main router, 2 x (router + 2)
-    # 1,072 = fc1 32 x 16 + 32, fc2 16 x 32 + 16 (the shared expert takes half of 4 x 16)
+    # 808 = fc1 24 x 16 + 24, fc2 16 x 24 + 16: the shared expert takes a quarter of 4 x 16,
+    # each of a token's two routed experts half of the rest
     experts = [r for r in rows if r[3] != "router"]
-    assert len(experts) == 8 and all(r[4] == "1,072" and r[6] == "float32" for r in experts)
+    assert len(experts) == 8 and all(r[4] == "808" and r[6] == "float32" for r in experts)
     for layer in ("1", "2"):  # the expert shares of a layer add up to all its tokens
         shares = [float(r[7].rstrip("%")) for r in experts if r[1] == layer]
         assert sum(shares) == pytest.approx(100.0, abs=0.3)
@@ -95,8 +96,8 @@ def test_swap_refuses_a_file_of_another_shape(models, tmp_path, capsys):
     before = digests(a)
     code, _, err = himoe(["experts", "swap", "--model_dir", a, "--from_dir", tmp_path / "wide",
                           "--file", EXPERT], capsys)
-    assert_one_line_error(code, err, "has shape (64, 32) but")
-    assert "(32, 16)" in err
+    assert_one_line_error(code, err, "has shape (48, 32) but")
+    assert "(24, 16)" in err
     code, _, err = himoe(["experts", "swap", "--model_dir", a, "--from_dir", tmp_path / "wide",
                           "--part", "layer3.router"], capsys)
     assert_one_line_error(code, err, "there is no layer 3")

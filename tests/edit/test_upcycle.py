@@ -62,7 +62,7 @@ def test_without_noise_the_moe_computes_the_dense_logits(given):
 def test_the_step0_weight_is_the_uniform_routing_weight():
     _, dense_cfg = dense_model()
     # Routing starts from himoe's defaults (6 groups x 8 experts), not the dense config's.
-    for given, w0 in (({}, 1 / 48), (dict(top_k_groups=2, top_k_experts=2), 4 / 48),
+    for given, w0 in (({}, 2 / 48), (dict(top_k_groups=2, top_k_experts=2), 4 / 48),
                       (dict(router="topk", top_k_experts=2), 2 / 48),
                       (dict(router="topk", top_k_experts=2, renormalize=True), 1.0),
                       (dict(router="grouped"), 1.0)):

@@ -70,7 +70,7 @@ def test_grouped_mm_paths_equal_the_loop_forward_and_backward():
 
 def test_one_group_of_one_expert_is_a_dense_ffn():
     torch.manual_seed(2)
-    cfg = tiny_config(num_moes=1, num_experts=1)
+    cfg = tiny_config(num_moes=1, num_experts=1, top_k_experts=1)
     moe = MoELayer(cfg)
     dense = DenseFFN(cfg.n_embd, cfg.ffn_hidden)
     with torch.no_grad():
@@ -85,8 +85,10 @@ def test_one_group_of_one_expert_is_a_dense_ffn():
 def test_whole_model_with_one_expert_equals_dense_model():
     torch.manual_seed(3)
     # No shared expert: the one routed expert is then the whole FFN, as in the dense model.
-    moe_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, shared_fraction=0.0)).eval()
-    dense_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, router="dense")).eval()
+    moe_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, top_k_experts=1,
+                                     shared_fraction=0.0)).eval()
+    dense_model = HiMoEModel(tiny_config(num_moes=1, num_experts=1, top_k_experts=1,
+                                       router="dense")).eval()
     state = {k: v for k, v in moe_model.state_dict().items() if ".ffn." not in k}
     for i, block in enumerate(moe_model.blocks):
         bank = block.ffn.experts

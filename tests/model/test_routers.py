@@ -119,7 +119,7 @@ def test_two_level_switch_loss_balances_a_skewed_router():
     """Only the Switch loss trains the router (no language-model loss): the load evens out
     at both levels."""
     torch.manual_seed(3)
-    cfg = tiny_config(num_moes=2, num_experts=4, switch_coef=1.0)
+    cfg = tiny_config(num_moes=2, num_experts=4, top_k_experts=1, switch_coef=1.0)
     r = build_router(cfg).train()
     x = torch.randn(512, cfg.n_embd)
     x[:, 0] += 1.0
@@ -155,7 +155,8 @@ def test_sequence_switch_loss_spreads_each_sequence_over_experts():
     """Sequences whose tokens all look alike. The batch-wide Switch loss balances them by
     sending each whole sequence to its own expert; the sequence-wise loss spreads every
     sequence over several."""
-    cfg = tiny_config(num_moes=2, num_experts=4, switch_coef=1.0, seq_switch_coef=1.0)
+    cfg = tiny_config(num_moes=2, num_experts=4, top_k_experts=1, switch_coef=1.0,
+                      seq_switch_coef=1.0)
     L = 32
     torch.manual_seed(4)
     x_TD = (3 * torch.randn(16, 1, cfg.n_embd) + 0.3 * torch.randn(16, L, cfg.n_embd)).view(
@@ -265,6 +266,24 @@ def test_a_config_from_before_shared_experts_has_none():
     old = HiMoEConfig().to_dict()
     del old["shared_fraction"]
     assert HiMoEConfig.from_dict(old).shared_hidden == 0
+
+
+def test_k_experts_split_the_routed_width_unless_it_is_given():
+    # With or without a preset: the shared expert plus a token's k experts are 4 * n_embd.
+    for k, shared in [(1, 0.0), (2, 0.25), (4, 0.5)]:
+        cfg = HiMoEConfig(top_k_experts=k, shared_fraction=shared).validate()
+        assert cfg.shared_hidden + k * cfg.ffn_hidden == 4 * cfg.n_embd
+    assert HiMoEConfig(top_k_experts=2, expert_hidden=100).ffn_hidden == 100
+
+
+def test_a_format_1_config_keeps_its_full_width_experts():
+    # Format 1 read expert_hidden 0 as all the shared expert leaves, for any k.
+    old = dataclasses.replace(HiMoEConfig(), top_k_experts=2, shared_fraction=0.5).to_dict()
+    assert old["expert_hidden"] == 0
+    assert HiMoEConfig.from_dict(old, file_format=1).ffn_hidden == 2 * 256
+    assert HiMoEConfig.from_dict(old).ffn_hidden == 256
+    card = HiMoEConfig.from_dict({**old, "top_k_experts": 1}, file_format=1)
+    assert card.expert_hidden == 0 and card.ffn_hidden == 512  # k = 1: the same either way
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

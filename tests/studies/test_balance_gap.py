@@ -25,7 +25,7 @@ def test_trace_counts_every_step_and_measure_counts_as_each_row_says(tmp_path, c
     trace = bg.train(model_dir, TINY, threads=1)
     counts_SLE = np.load(trace)["counts_SLE"]
     assert counts_SLE.shape == (5, 2, 6)  # steps, MoE layers, 2 x 3 experts
-    assert (counts_SLE.sum(-1) == 4 * 16).all()  # every token of every step, top-1
+    assert (counts_SLE.sum(-1) == 2 * 4 * 16).all()  # every token of every step, twice: top-2
 
     from himoe.checkpoint.card import load_model
     from himoe.data.corpora import open_corpus, token_splits
@@ -35,7 +35,7 @@ def test_trace_counts_every_step_and_measure_counts_as_each_row_says(tmp_path, c
     _, val = token_splits(open_corpus(cfg.data_file), tokenizer_for(cfg, vocab, Path(model_dir)),
                           cfg.block_size)
     counts = bg.split_counts(model, val, 2, cfg.batch_size, cfg.block_size, False)
-    assert counts.sum() == 2 * 2 * 4 * 16  # layers x batches x tokens
+    assert counts.sum() == 2 * 2 * 4 * 16 * 2  # layers x batches x tokens x 2 experts each
     assert rows[2][1:] == [f"{v:.2f}" for v in bg.max_violation(counts)]  # val, eval mode
     assert rows[4][1:] == [f"{v:.2f}" for v in bg.max_violation(counts_SLE[-3:].sum(0))]
     assert len(rows) == 6 and "| counted on | layer 1 | layer 2 |" in capsys.readouterr().out

@@ -25,7 +25,9 @@ def test_runs_append_lines_and_the_report_averages_seeds(tmp_path):
     assert [line["name"] for line in lines] == ["default-1", "default-2", "card-1"]
     assert [e["step"] for e in lines[0]["evals"]] == [1, 2]
     assert lines[2]["overrides"]["preset"] == "himoe-card"
-    assert lines[0]["active"] == lines[2]["active"] + 16 * 2  # the shared expert's bias
+    # Equal active widths; the default has two more output biases (the shared expert's and
+    # its second routed expert's) in each of its 2 layers.
+    assert lines[0]["active"] == lines[2]["active"] + 2 * 16 * 2
     png = tmp_path / "curves.png"
     table = s.report(lines, png)
     mean = (lines[0]["evals"][-1]["val"] + lines[1]["evals"][-1]["val"]) / 2

@@ -47,7 +47,7 @@ from himoe.model import HiMoEModel
 CONFIG_FILE = "config.json"
 TRAIN_STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: expert_hidden 0 splits the routed width over a token's experts
 
 
 def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
@@ -335,7 +335,7 @@ def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
         raise UserError(f"{path} is missing; {model_dir} is not a himoe model directory")
     try:
         meta = json.loads(safe_path.read_text(model_dir, CONFIG_FILE))
-        cfg = HiMoEConfig.from_dict(meta["config"])
+        cfg = HiMoEConfig.from_dict(meta["config"], meta.get("himoe_format", 1))
         vocab, step = meta["vocab"], meta["step"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
             ValueError) as e:

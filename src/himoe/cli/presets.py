@@ -8,19 +8,17 @@ narrowed so that (experts per token) x (expert width) + (shared expert width) =
 
 from __future__ import annotations
 
-from himoe.config import HiMoEConfig
 from himoe.errors import UserError
-from himoe.model.routers.registry import router_spec
 
 # The source designs have no shared expert; each states its own balancing loss. They keep
 # the card's dropout 0.1, which himoe's default drops (docs/routing_study.md, "Dropout").
 _SOURCE = dict(shared_fraction=0.0, switch_coef=0.0, bias_update_rate=0.0, dropout=0.1)
 
 PRESETS: dict[str, dict] = {
-    # himoe's default: two-level top-1 routing beside a shared expert of half the active
-    # width, two-level Switch loss 0.01, loss-free bias 1e-3 and no dropout
-    # (docs/routing_study.md); what no --preset gives.
-    "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=1, shared_fraction=0.5,
+    # himoe's default: one group, then two of its experts, beside a shared expert of a
+    # quarter of the active width; two-level Switch loss 0.01, loss-free bias 1e-3 and no
+    # dropout (docs/routing_study.md); what no --preset gives.
+    "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=2, shared_fraction=0.25,
                   switch_coef=0.01, bias_update_rate=1e-3, dropout=0.0),
     # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss.
     "himoe-card": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
@@ -43,15 +41,8 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_values(name: str, given: dict) -> dict:
-    """The preset's settings, then the user's explicit flags on top; with the expert width
-    that keeps the card's active parameters per token unless --expert_hidden was given."""
+    """The preset's settings, then the user's explicit flags on top. The expert width follows
+    from them (HiMoEConfig.ffn_hidden) unless --expert_hidden was given."""
     if name not in PRESETS:
         raise UserError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
-    values = {**PRESETS[name], **given, "preset": name}
-    if "expert_hidden" not in given and not router_spec(values["router"]).dense:
-        probe = HiMoEConfig(**{k: v for k, v in values.items() if k != "expert_hidden"})
-        k = probe.experts_per_token
-        if k > 1:  # rounded to a multiple of 8 for aligned matmuls
-            routed = probe.ffn_mult * probe.n_embd - probe.shared_hidden
-            values["expert_hidden"] = max(8, round(routed / k / 8) * 8)
-    return values
+    return {**PRESETS[name], **given, "preset": name}

@@ -163,7 +163,7 @@ register_router(RouterSpec(
     main_entries=((WEIGHT, "main_weight_ND"), (BALANCE_BIAS, "group_bias_N")),
     group_entries=((WEIGHT, "group_weight_NMD"), (BALANCE_BIAS, "expert_bias_E")),
     hf_name="hierarchical", gates=("main_weight_ND", "group_weight_NMD"),
-    balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.5),
+    balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.25),
                     ("bias_update_rate", 1e-3)), options=ROUTER_OPTIONS))
 register_router(RouterSpec(
     "grouped", "Hi-MoE", _routing_class("flat", "GroupedRouter"),
@@ -178,7 +178,7 @@ register_router(RouterSpec(
     pool=lambda cfg: cfg.top_k_groups * cfg.num_experts, hf_name="group_limited",
     gates=("weight_ED",)))
 register_router(RouterSpec("dense", "one plain FFN: the baseline", None,
-                           experts_per_token=_two_level_top_k, pool=_one_group, hf_name="dense"))
+                           experts_per_token=lambda cfg: 1, pool=_one_group, hf_name="dense"))
 
 
 def build_router(cfg: ModelConfig, layer: int = 0) -> nn.Module | None:
