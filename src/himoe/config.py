@@ -95,7 +95,7 @@ class ModelConfig(_Section):
                                       "optimiser step (DeepSeek-V3: 1e-3; 0 = off)")
     shared_fraction: float = setting(0.25, "share of the active FFN width (ffn_mult * n_embd) "
                                      "given to a shared expert that every token runs beside "
-                                     "its routed one (0: none)", shape=True)
+                                     "its routed ones (0: none)", shape=True)
     expert_hidden: int = setting(0, "routed expert width (0: what the shared expert leaves "
                                  "of ffn_mult * n_embd, split over the experts a token runs)",
                                  shape=True)
