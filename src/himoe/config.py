@@ -125,6 +125,11 @@ class ModelConfig(_Section):
         return round(self.shared_fraction * self.ffn_mult * self.n_embd)
 
     @property
+    def routed_width(self) -> int:
+        """What the shared expert leaves of a token's active FFN width, ffn_mult * n_embd."""
+        return self.ffn_mult * self.n_embd - self.shared_hidden
+
+    @property
     def ffn_hidden(self) -> int:
         """Width of each routed expert (of the one FFN, for the dense baseline). Unless set,
         a token's experts and the shared expert together are the card's one expert wide
@@ -132,8 +137,8 @@ class ModelConfig(_Section):
         matmuls: routing schemes then compare at equal active parameters."""
         if self.expert_hidden:
             return self.expert_hidden
-        routed, k = self.ffn_mult * self.n_embd - self.shared_hidden, self.experts_per_token
-        return routed if k == 1 else max(8, round(routed / k / 8) * 8)
+        k = self.experts_per_token
+        return self.routed_width if k == 1 else max(8, round(self.routed_width / k / 8) * 8)
 
     @property
     def total_experts(self) -> int:
@@ -248,21 +253,23 @@ class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in run}
 
     @classmethod
-    def from_dict(cls, data: dict, file_format: int = 2) -> HiMoEConfig:
-        """file_format: the himoe_format of the config.json the values come from."""
+    def from_dict(cls, data: dict) -> HiMoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"config.json has unknown keys {unknown}; it was written by a "
                             "newer himoe, upgrade the package")
         # Written before shared experts existed: such a model has none.
-        cfg = cls(**{"shared_fraction": 0.0, **data})
-        if file_format < 2 and not cfg.expert_hidden and cfg.experts_per_token > 1:
-            # Format 1's expert_hidden 0 gave every routed expert all that the shared expert
-            # leaves, however many experts a token runs.
-            cfg = dataclasses.replace(
-                cfg, expert_hidden=cfg.ffn_mult * cfg.n_embd - cfg.shared_hidden)
-        return cfg
+        return cls(**{"shared_fraction": 0.0, **data})
+
+    def read_as_format(self, file_format) -> HiMoEConfig:
+        """This config, read from a config.json of that himoe_format, in today's meaning.
+        Format 1's expert_hidden 0 gave every routed expert all that the shared expert
+        leaves, however many experts a token runs. Only on a validated config: it looks up
+        the router."""
+        if file_format == 1 and not self.expert_hidden and self.experts_per_token > 1:
+            return dataclasses.replace(self, expert_hidden=self.routed_width)
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -251,6 +251,10 @@ CASES = {
     "config.json null for an int": (set_config(n_layer=None),
                                     "n_layer must be an integer, got null"),
     "config.json list for a string": (set_config(router=["topk"]), "router must be a string"),
+    "config.json of format 1, unknown router": (  # checked before format 1 is read
+        broken_model(edit_config(lambda meta: meta.update(himoe_format=1) or meta["config"]
+                                 .update(router="nope", expert_hidden=0)), "generate"),
+        "config.json: router 'nope' is not one of"),
     "config.json num_experts 10^9": (set_config(num_experts=10**9),
                                       "num_experts 1000000000 is above the limit of 4,096"),
     "config.json n_embd 10^9 (resume)": (set_config(n_embd=10**9, command="train"),

@@ -280,9 +280,9 @@ def test_a_format_1_config_keeps_its_full_width_experts():
     # Format 1 read expert_hidden 0 as all the shared expert leaves, for any k.
     old = dataclasses.replace(HiMoEConfig(), top_k_experts=2, shared_fraction=0.5).to_dict()
     assert old["expert_hidden"] == 0
-    assert HiMoEConfig.from_dict(old, file_format=1).ffn_hidden == 2 * 256
-    assert HiMoEConfig.from_dict(old).ffn_hidden == 256
-    card = HiMoEConfig.from_dict({**old, "top_k_experts": 1}, file_format=1)
+    assert HiMoEConfig.from_dict(old).read_as_format(1).ffn_hidden == 2 * 256
+    assert HiMoEConfig.from_dict(old).read_as_format(2).ffn_hidden == 256
+    card = HiMoEConfig.from_dict({**old, "top_k_experts": 1}).read_as_format(1)
     assert card.expert_hidden == 0 and card.ffn_hidden == 512  # k = 1: the same either way
 
 

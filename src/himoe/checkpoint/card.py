@@ -335,13 +335,14 @@ def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
         raise UserError(f"{path} is missing; {model_dir} is not a himoe model directory")
     try:
         meta = json.loads(safe_path.read_text(model_dir, CONFIG_FILE))
-        cfg = HiMoEConfig.from_dict(meta["config"], meta.get("himoe_format", 1))
+        cfg = HiMoEConfig.from_dict(meta["config"])
         vocab, step = meta["vocab"], meta["step"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
             ValueError) as e:
         raise UserError(f"{path} is broken ({type(e).__name__}: {e}); restore it from a "
                         "backup or re-train") from None
     cfg.validate(origin=path)  # each value's type and range, before anything is allocated
+    cfg = cfg.read_as_format(meta.get("himoe_format", 1))
     if type(step) is not int or step < 0:
         raise UserError(f"{path}: step must be an integer >= 0, got {json.dumps(step)}; "
                         "restore the file from a backup")
