@@ -3,10 +3,10 @@
 `himoe bench --only train` gives the ratio of whole processes; this script splits one
 training step of each side into the phases of `train_step` (forward and backward, gradient
 clipping, AdamW, zeroing and the selection-bias update), and splits one MoE layer of the
-default into its router, its routed part (router, dispatch, expert bank, combine) and its
-shared expert. The default's routed experts are as wide as its shared expert, so the
-routed part and the shared expert do the same expert FLOPs: their difference is what the
-routing and the 48 small matmuls cost over one large one.
+default into its router, its routed part (router, dispatch, expert bank, combine) and a
+dense FFN as wide as the experts a token runs (top_k_experts x expert_hidden): that FFN does
+the routed part's expert FLOPs with one large matmul per weight, so their difference is
+what the routing and the 48 small matmuls cost.
 
     python benchmarks/step_phases.py [--repeats 40] [--warmup 5] [--threads 2]
 
@@ -14,7 +14,7 @@ Both sides train on the shipped Hamlet with the learning-rate schedule of `himoe
 the timed steps (6-45 by default, as in `himoe bench --only train`) route as a user's do.
 Sides alternate A B A B in one process; each cell is the median [min, max] in ms. The last
 line is the ratio the whole step would reach if each MoE layer's routed part cost no more
-than its shared expert: an upper bound on what a faster dispatch alone can give.
+than that dense FFN: an upper bound on what a faster dispatch alone can give.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import torch
 from himoe.bench.throughput import TrainSide, build, experts_with_tokens, hamlet, sample_batches
 from himoe.config import HiMoEConfig
 from himoe.distributed.plan import Parallel
+from himoe.model.experts import DenseFFN
 from himoe.model.grad_sink import zero_grads
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.optim import set_scheduled_lr
 
 PHASES = ("forward+backward", "clip", "AdamW", "zero+bias", "step")
-LAYER_PARTS = ("router", "routed part", "shared expert")
+LAYER_PARTS = ("router", "routed part", "dense FFN of the routed FLOPs")
 
 
 class Side(TrainSide):
@@ -64,10 +65,9 @@ class Side(TrainSide):
         return phases + [sum(phases)]
 
 
-def layer_parts_ms(side: Side, x_TD: torch.Tensor) -> list[float]:
-    """Forward and backward of the first block's router alone, its whole MoE layer and its
-    shared expert, each on the same tokens x_TD."""
-    block = side.model.blocks[0]
+def layer_parts_ms(side: Side, x_TD: torch.Tensor, same_flops: DenseFFN) -> list[float]:
+    """Forward and backward of the first block's router alone, its whole MoE layer and
+    `same_flops` (a dense FFN of the routed part's expert FLOPs), each on the same tokens."""
     moe = side.model.moe_layers[0]
 
     def router():
@@ -82,10 +82,11 @@ def layer_parts_ms(side: Side, x_TD: torch.Tensor) -> list[float]:
     # timings leave the next training step as it would have been.
     buffers = [(b, b.clone()) for b in moe.router.buffers()]
     out = []
-    for part in (router, routed, lambda: block.shared_ffn(x_TD).sum()):
+    for part in (router, routed, lambda: same_flops(x_TD).sum()):
         t0 = time.perf_counter()
         part().backward()
         zero_grads(side.model, side.optimizer)
+        same_flops.zero_grad(set_to_none=True)
         x_TD.grad = None
         out.append(1000 * (time.perf_counter() - t0))
     for buffer, saved in buffers:
@@ -104,6 +105,9 @@ def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: 
     batches = sample_batches(data, cfg_moe, warmup + repeats, seed=0)
     steps = {name: [] for name in sides}
     parts, active = [], []
+    torch.manual_seed(0)
+    same_flops = DenseFFN(cfg_moe.n_embd, cfg_moe.top_k_experts * cfg_moe.ffn_hidden,
+                          cfg_moe.n_layer)
     x_TD = torch.randn(cfg_moe.batch_size * cfg_moe.block_size, cfg_moe.n_embd,
                        generator=torch.Generator().manual_seed(0), requires_grad=True)
     for i, (x_BT, y_BT) in enumerate(batches):
@@ -113,7 +117,7 @@ def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: 
                 steps[name].append(phases)
         if i >= warmup:  # before layer_parts_ms overwrites the last routing
             active.append(experts_with_tokens(sides["default"].model))
-        ms = layer_parts_ms(sides["default"], x_TD)
+        ms = layer_parts_ms(sides["default"], x_TD, same_flops)
         if i >= warmup:
             parts.append(ms)
     return {"steps": steps, "parts": parts, "n_layer": cfg_moe.n_layer, "active": active}
@@ -137,10 +141,10 @@ def report(result: dict) -> list[str]:
     parts = result["parts"]
     lines += ["| one MoE layer of the default, forward+backward | ms |", "| --- | --- |"]
     lines += [f"| {name} | {cell([p[j] for p in parts])} |" for j, name in enumerate(LAYER_PARTS)]
-    # Each layer's routed part priced at its shared expert's cost, every other phase as is.
+    # Each layer's routed part priced at the same-FLOPs dense FFN's cost, the rest as is.
     excess = [result["n_layer"] * (p[1] - p[2]) for p in parts]
     bound = [d[-1] / (m[-1] - e) for m, d, e in zip(moe, dense, excess)]
-    lines += ["", f"If the routed part cost what the shared expert does: "
+    lines += ["", f"If the routed part cost what the dense FFN of its FLOPs does: "
                   f"{statistics.median(bound):.2f}x [{min(bound):.2f}, {max(bound):.2f}]"]
     return lines
 
