@@ -33,6 +33,7 @@ from himoe.model.routers.registry import ROUTER_OPTIONS, router_names, router_sp
 
 REG_FORMS = ("l2", "entropy")
 DEVICES = ("auto", "cpu", "cuda")
+BIAS_RATE_SCHEDULES = ("constant", "lr")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZERS = ("char", "bpe")
 LOGGERS = ("none", "tensorboard")
@@ -192,6 +193,10 @@ class TrainConfig(_Section):
     # The trainer sets the model's R_intra scale from this (stage 2 of the paper); the
     # model itself never reads it.
     intra_warmup: int = setting(0, "steps over which R_intra ramps in from 0")
+    # Likewise the step of the routers' loss-free selection bias (bias_update_rate).
+    bias_rate_schedule: str = setting("constant", "constant, or lr: the loss-free bias step "
+                                      "follows the learning rate's warm-up and cosine decay",
+                                      choices=BIAS_RATE_SCHEDULES)
     # The initial weights, the batch order and dropout: kept on resume like the rest.
     seed: int = setting(1337, "random seed")
     # What the model was trained on: recorded, so `himoe experts` and `himoe analyze` find it.

@@ -9,7 +9,7 @@ from himoe.checkpoint import card as checkpoint
 from himoe.cli.presets import preset_values
 from himoe.config import HiMoEConfig
 from himoe.model import HiMoEModel
-from himoe.training.optim import build_optimizer, lr_at
+from himoe.training.optim import bias_rate_at, build_optimizer, lr_at
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -148,3 +148,24 @@ def test_clip_left_to_the_fused_step_equals_clip_then_step(scale):
         torch.testing.assert_close(n1, n2)
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_bias_rate_schedule_lr_scales_the_bias_step_by_the_learning_rates_factor(tmp_path):
+    """--bias_rate_schedule lr: the loss-free bias moves by bias_update_rate * lr_at / lr,
+    so in the first step of a 4-step warm-up by a quarter of the constant schedule's step."""
+    cfg = HiMoEConfig(lr=3e-4, max_iters=3000, warmup_iters=100, bias_rate_schedule="lr")
+    assert bias_rate_at(0, cfg) == pytest.approx(0.01)
+    assert bias_rate_at(3000, cfg) == pytest.approx(0.1)
+    assert bias_rate_at(3000, dataclasses.replace(cfg, bias_rate_schedule="constant")) == 1.0
+
+    def biases_after_one_step(name, schedule):
+        Trainer(run_cfg(tmp_path, name, warmup_iters=4, bias_rate_schedule=schedule)).train(
+            stop_at=1)
+        return {str(p.relative_to(tmp_path / name)): torch.load(p, weights_only=True)
+                for p in (tmp_path / name).rglob("*main_router.pt")}
+
+    constant, scheduled = biases_after_one_step("c", "constant"), biases_after_one_step("s", "lr")
+    for file, state in constant.items():
+        for key in ("group_bias_N", "expert_bias_E"):
+            assert state[key].abs().max() > 0, (file, key)  # the step moved every level
+            torch.testing.assert_close(scheduled[file][key], state[key] / 4)

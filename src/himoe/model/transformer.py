@@ -101,12 +101,13 @@ class HiMoEModel(nn.Module):
                 totals[name] = totals.get(name, 0.0) + float(value.detach())
         return totals
 
-    def update_balance_biases(self) -> None:
+    def update_balance_biases(self, rate_scale: float = 1.0) -> None:
         """Loss-free balancing: after each optimiser step, every router nudges its selection
-        biases towards the experts the step under-used."""
+        biases towards the experts the step under-used, by bias_update_rate * rate_scale
+        (the trainer's --bias_rate_schedule)."""
         for moe in self.moe_layers.values():
             if hasattr(moe.router, "update_balance_bias"):
-                moe.router.update_balance_bias()
+                moe.router.update_balance_bias(rate_scale)
 
     def set_intra_scale(self, scale: float) -> None:
         """R_intra's warm-up factor (stage 2 of the Hi-MoE schedule), set every step."""

@@ -44,6 +44,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def bias_rate_at(step: int, cfg: TrainConfig) -> float:
+    """The factor on the loss-free bias step at `step`: 1, or with --bias_rate_schedule lr
+    the learning rate's own factor (lr_at / lr), so the bias warms up and decays with it."""
+    return lr_at(step, cfg) / cfg.lr if cfg.bias_rate_schedule == "lr" else 1.0
+
+
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float,
                    optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
     """Clips as clip_grad_norm_ does, minus two passes over the gradients on a CPU: under

@@ -25,12 +25,14 @@ def write_expert_grads_in_place(model: HiMoEModel) -> None:
 
 
 def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, *, grad_clip: float,
-               forward=None, parallel: Parallel | None = None) -> torch.Tensor:
+               forward=None, parallel: Parallel | None = None,
+               bias_rate_scale: float = 1.0) -> torch.Tensor:
     """One optimisation step: forward, backward, clip, AdamW, zero_grad, then the loss-free
     balancing update. `himoe bench` times exactly this function, so its figures are those
     of `himoe train`. forward: a compiled (or DDP) version of model, if any. parallel: how
     the step is split into micro-batches and ranks (default: one process, one batch).
-    grad_clip: the training setting (the model holds only its own)."""
+    grad_clip: the training setting (the model holds only its own). bias_rate_scale: this
+    step's factor on the loss-free bias step (bias_rate_at)."""
     parallel = parallel or Parallel()
     loss = parallel.forward_backward(forward or model, x_BT, y_BT)
     norm = parallel.clip_grad_norm(params, grad_clip, optimizer)
@@ -46,5 +48,5 @@ def train_step(model: HiMoEModel, optimizer, params, x_BT, y_BT, *, grad_clip: f
     zero_grads(model, optimizer)
     if model.cfg.bias_update_rate:
         parallel.sync_balance_counts(model)
-        model.update_balance_biases()
+        model.update_balance_biases(bias_rate_scale)
     return loss

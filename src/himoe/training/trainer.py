@@ -36,7 +36,7 @@ from himoe.training.evaluation import evaluate, flag_collapse
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
 from himoe.training.memory import check_training_fits
-from himoe.training.optim import build_optimizer, set_scheduled_lr
+from himoe.training.optim import bias_rate_at, build_optimizer, set_scheduled_lr
 from himoe.training.outputs import routing_schedule, write_sample
 from himoe.training.rng import rng_state, seed_everything, set_rng_state
 from himoe.training.step import NonFiniteStep, train_step, write_expert_grads_in_place
@@ -280,7 +280,8 @@ class Trainer:
                 with autocast(self.device, self.dtype):
                     loss = train_step(model, self.optimizer, self.params, x.to(self.device),
                                       y.to(self.device), grad_clip=cfg.grad_clip,
-                                      forward=self.forward, parallel=self.parallel)
+                                      forward=self.forward, parallel=self.parallel,
+                                      bias_rate_scale=bias_rate_at(self.step, cfg))
                 loss_value = loss.item()
             except NonFiniteStep as bad:
                 self._skip_or_stop(bad, bar, buffers)  # raises unless --skip_nonfinite

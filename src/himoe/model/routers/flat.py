@@ -103,9 +103,9 @@ class TopKRouter(FlatGate):
         return Routing(ids_TK, weights_TK, aux, lambda: float(losses.entropy(p_TE).mean()))
 
     @torch.no_grad()
-    def update_balance_bias(self) -> None:
+    def update_balance_bias(self, rate_scale: float = 1.0) -> None:
         sign_update(self.expert_bias_E.view(1, -1), self.expert_counts_E.view(1, -1),
-                    self.cfg.bias_update_rate)
+                    self.cfg.bias_update_rate * rate_scale)
         self.expert_counts_E.zero_()
 
 

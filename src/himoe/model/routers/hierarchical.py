@@ -89,10 +89,10 @@ class HierarchicalRouter(nn.Module):
         return Routing(ids_TK, weights_TK, aux, lambda: routing_entropy(p1_TN, logits2_TNM))
 
     @torch.no_grad()
-    def update_balance_bias(self) -> None:
+    def update_balance_bias(self, rate_scale: float = 1.0) -> None:
         """After an optimiser step: favour groups, and experts within each group, that got
         less than their share of the step's assignments."""
-        rate, M = self.cfg.bias_update_rate, self.cfg.num_experts
+        rate, M = self.cfg.bias_update_rate * rate_scale, self.cfg.num_experts
         sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate)
         sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate,
                     self.slot_mask_NM if self.ragged else None)
