@@ -194,8 +194,9 @@ class TrainConfig(_Section):
     # model itself never reads it.
     intra_warmup: int = setting(0, "steps over which R_intra ramps in from 0")
     # Likewise the step of the routers' loss-free selection bias (bias_update_rate).
-    bias_rate_schedule: str = setting("constant", "constant, or lr: the loss-free bias step "
-                                      "follows the learning rate's warm-up and cosine decay",
+    bias_rate_schedule: str = setting("lr", "lr: the loss-free bias step follows the "
+                                      "learning rate's warm-up and cosine decay; constant: "
+                                      "bias_update_rate at every step",
                                       choices=BIAS_RATE_SCHEDULES)
     # The initial weights, the batch order and dropout: kept on resume like the rest.
     seed: int = setting(1337, "random seed")
@@ -264,8 +265,9 @@ class HiMoEConfig(RunConfig, TrainConfig, ModelConfig):
         if unknown:
             raise UserError(f"config.json has unknown keys {unknown}; it was written by a "
                             "newer himoe, upgrade the package")
-        # Written before shared experts existed: such a model has none.
-        return cls(**{"shared_fraction": 0.0, **data})
+        # Written before shared experts existed: such a model has none; before the bias
+        # schedule existed: a constant bias step, which a resumed run must keep.
+        return cls(**{"shared_fraction": 0.0, "bias_rate_schedule": "constant", **data})
 
     def read_as_format(self, file_format) -> HiMoEConfig:
         """This config, read from a config.json of that himoe_format, in today's meaning.

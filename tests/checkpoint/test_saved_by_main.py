@@ -37,12 +37,13 @@ def test_resume_continues_it_and_keeps_the_config_keys(tmp_path, capsys):
     assert after["step"] == 3 and after["vocab"] == before["vocab"]
     # The run's own settings (device, paths, logging) are no longer recorded; every other
     # key is kept, and only the flag this resume changed has a new value. Settings added
-    # since (e.g. expert_index_map, written by `experts prune`) appear at their defaults.
+    # since (e.g. expert_index_map, written by `experts prune`) appear at what a file
+    # without them means (from_dict: no shared expert, a constant bias step).
     run = {f.name for f in dataclasses.fields(RunConfig)}
     assert list(after) == list(before)
     assert set(after["config"]) >= set(before["config"]) - run
     assert run <= set(before["config"]) and "data_file" in after["config"]
-    defaults = dataclasses.asdict(HiMoEConfig())
+    defaults = dataclasses.asdict(HiMoEConfig.from_dict({}))
     for key in set(after["config"]) - set(before["config"]):
         assert after["config"][key] == defaults[key], key
     changed = {k for k in before["config"].keys() - run

@@ -169,3 +169,10 @@ def test_bias_rate_schedule_lr_scales_the_bias_step_by_the_learning_rates_factor
         for key in ("group_bias_N", "expert_bias_E"):
             assert state[key].abs().max() > 0, (file, key)  # the step moved every level
             torch.testing.assert_close(scheduled[file][key], state[key] / 4)
+
+
+def test_a_config_json_without_a_bias_schedule_keeps_the_constant_step_it_trained_with():
+    saved = HiMoEConfig().to_dict()
+    assert saved["bias_rate_schedule"] == "lr"  # today's default, recorded
+    del saved["bias_rate_schedule"]  # as written before the option existed
+    assert HiMoEConfig.from_dict(saved).bias_rate_schedule == "constant"

@@ -12,14 +12,17 @@ from himoe.errors import UserError
 
 # The source designs have no shared expert; each states its own balancing loss. They keep
 # the card's dropout 0.1, which himoe's default drops (docs/routing_study.md, "Dropout").
-_SOURCE = dict(shared_fraction=0.0, switch_coef=0.0, bias_update_rate=0.0, dropout=0.1)
+_SOURCE = dict(shared_fraction=0.0, switch_coef=0.0, bias_update_rate=0.0,
+               bias_rate_schedule="constant", dropout=0.1)
 
 PRESETS: dict[str, dict] = {
     # himoe's default: one group, then two of its experts, beside a shared expert of a
-    # quarter of the active width; two-level Switch loss 0.01, loss-free bias 1e-3 and no
-    # dropout (docs/routing_study.md); what no --preset gives.
+    # quarter of the active width; two-level Switch loss 0.01, loss-free bias 1e-3 whose
+    # step follows the learning-rate schedule, and no dropout (docs/routing_study.md); what
+    # no --preset gives.
     "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=2, shared_fraction=0.25,
-                  switch_coef=0.01, bias_update_rate=1e-3, dropout=0.0),
+                  switch_coef=0.01, bias_update_rate=1e-3, bias_rate_schedule="lr",
+                  dropout=0.0),
     # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss.
     "himoe-card": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
     # The card's routing with loss-free bias balancing (the gradient is left alone).
