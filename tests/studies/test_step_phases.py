@@ -1,9 +1,10 @@
 """benchmarks/step_phases.py: each side's step is the sum of its timed phases, and the bound
-prices each MoE layer's routed part at its shared expert's cost."""
+prices each MoE layer's routed part at the cost of a dense FFN of its FLOPs."""
 
 import torch
 
 from himoe.config import HiMoEConfig
+from himoe.model.experts import DenseFFN
 from tests.conftest import load_benchmark
 
 TINY = dict(vocab_size=65, n_embd=16, n_head=2, block_size=16, num_moes=2, num_experts=3,
@@ -26,7 +27,7 @@ def test_steps_are_the_sum_of_their_phases_and_every_repeat_is_kept():
 
 def test_bound_replaces_each_layers_routed_excess_by_nothing():
     sp = load_benchmark("step_phases")
-    # Default step 10 ms, dense 8 ms; the routed part costs 1 ms more than the shared expert
+    # Default step 10 ms, dense 8 ms; the routed part costs 1 ms more than the dense FFN
     # in each of 2 layers, so without that excess the default would take 8 ms: 1.00x.
     result = {"steps": {"default": [[9, 1, 0, 0, 10]], "dense": [[8, 0, 0, 0, 8]]},
               "parts": [[0.5, 3.0, 2.0]], "n_layer": 2, "active": [[5, 7], [9, 7]]}
@@ -43,6 +44,6 @@ def test_timing_a_layer_leaves_the_routers_counts_as_they_were():
     router = side.model.moe_layers[0].router
     before = [b.clone() for b in router.buffers()]
     x_TD = torch.randn(8, 16, requires_grad=True)
-    assert len(sp.layer_parts_ms(side, x_TD)) == 3
+    assert len(sp.layer_parts_ms(side, x_TD, DenseFFN(16, 32))) == 3
     assert all(torch.equal(a, b) for a, b in zip(before, router.buffers()))
     assert x_TD.grad is None
