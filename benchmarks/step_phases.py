@@ -31,7 +31,7 @@ from himoe.distributed.plan import Parallel
 from himoe.model.experts import DenseFFN
 from himoe.model.grad_sink import zero_grads
 from himoe.training.allocator import keep_freed_memory
-from himoe.training.optim import set_scheduled_lr
+from himoe.training.optim import bias_rate_at, set_scheduled_lr
 
 PHASES = ("forward+backward", "clip", "AdamW", "zero+bias", "step")
 LAYER_PARTS = ("router", "routed part", "dense FFN of the routed FLOPs")
@@ -48,6 +48,7 @@ class Side(TrainSide):
     def step_ms(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> list[float]:
         """train_step's phases, timed one by one (train_step itself runs them back to back)."""
         set_scheduled_lr(self.optimizer, self.steps_done, self.cfg)
+        bias_rate_scale = bias_rate_at(self.steps_done, self.cfg)
         self.steps_done += 1
         marks = [time.perf_counter()]
         self.parallel.forward_backward(self.model, x_BT, y_BT)
@@ -59,7 +60,7 @@ class Side(TrainSide):
         marks.append(time.perf_counter())
         zero_grads(self.model, self.optimizer)
         if self.cfg.bias_update_rate:
-            self.model.update_balance_biases()
+            self.model.update_balance_biases(bias_rate_scale)
         marks.append(time.perf_counter())
         phases = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
         return phases + [sum(phases)]

@@ -38,7 +38,7 @@ from himoe.data.tokenizers import CharTokenizer
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.device import autocast
-from himoe.training.optim import build_optimizer, set_scheduled_lr
+from himoe.training.optim import bias_rate_at, build_optimizer, set_scheduled_lr
 from himoe.training.step import train_step, write_expert_grads_in_place
 
 SECTIONS = ("train", "card", "grouped", "generate", "memory", "layer", "gpu")
@@ -154,15 +154,18 @@ class TrainSide:
 
     def step(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> float:
         """Trainer.train's own step function (the batch is sampled beforehand, untimed), at
-        the learning rate of the schedule: with the peak rate from step 1 the card's routing
-        collapsed within a few steps (1-7 experts with tokens per layer, against 8-30 in
-        `himoe train`'s warm-up), which made the card look faster than a user's run.
+        the learning rate and selection-bias step of the schedule: with the peak rate from
+        step 1 the card's routing collapsed within a few steps (1-7 experts with tokens per
+        layer, against 8-30 in `himoe train`'s warm-up), which made the card look faster
+        than a user's run.
         .item() waits for the device, so a GPU step is timed whole."""
         set_scheduled_lr(self.optimizer, self.steps_done, self.cfg)
+        bias_rate_scale = bias_rate_at(self.steps_done, self.cfg)
         self.steps_done += 1
         with autocast(self.device, self.dtype):
             return train_step(self.model, self.optimizer, self.params, x_BT.to(self.device),
-                              y_BT.to(self.device), grad_clip=self.cfg.grad_clip).item()
+                              y_BT.to(self.device), grad_clip=self.cfg.grad_clip,
+                              bias_rate_scale=bias_rate_scale).item()
 
     def tokens_per_s(self, batches) -> float:
         t0 = time.perf_counter()
