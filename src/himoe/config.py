@@ -81,6 +81,17 @@ class ModelConfig(_Section):
                                      "balance loss)")
     router_jitter: float = setting(0.0, "hierarchical router: in training, scale the router's "
                                    "input by uniform noise in [1-eps, 1+eps] (Switch: 0.01)")
+    # Shazeer et al. 2017's noisy top-k gating and its two balance losses, as router options.
+    noisy_gating: float = setting(0.0, "hierarchical router: in training, add Gaussian noise "
+                                  "of this std to both levels' logits before each top-k "
+                                  "choice (noisy top-k gating; combine weights stay clean)")
+    importance_coef: float = setting(0.0, "hierarchical router: CV^2 of each expert's summed "
+                                     "combine weight (Shazeer et al.'s importance loss)")
+    load_coef: float = setting(0.0, "hierarchical router: CV^2 of each expert's smooth load "
+                               "estimate (Shazeer et al.'s load loss; needs --noisy_gating)")
+    zero_router_init: bool = setting(False, "hierarchical router: both levels' gate matrices "
+                                     "start at zero (Shazeer et al.); --noisy_gating breaks "
+                                     "the ties")
     inter_coef: float = setting(0.0, "Hi-MoE inter-group balancing R_inter (lambda2; paper: "
                                 "0.05)")
     intra_coef: float = setting(0.0, "Hi-MoE intra-group specialisation R_intra (lambda1; "
@@ -304,7 +315,8 @@ UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "e
     "capacity_factor": 10**6, "ema_beta": 1}
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
-         "router_temp", "bias_update_rate", "seq_switch_coef", "router_jitter")
+         "router_temp", "bias_update_rate", "seq_switch_coef", "router_jitter", "noisy_gating",
+         "importance_coef", "load_coef")
 _FIELDS = dataclasses.fields(HiMoEConfig)
 FLAG_NAMES = {f.name: f.metadata["flag"] for f in _FIELDS if "flag" in f.metadata}
 CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS if "choices" in f.metadata}
@@ -385,6 +397,9 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
             return f"{flag(name)} must be below 1, got {getattr(cfg, name)}", f"pass e.g. {example}"
     if cfg.router_temp == 0:
         return f"{flag('router_temp')} must be greater than 0", "pass e.g. 1.0"
+    if cfg.load_coef and not cfg.noisy_gating:
+        return (f"{flag('load_coef')} needs {flag('noisy_gating')} (the smooth load estimate "
+                "is a probability under the gating noise)", f"add e.g. {flag('noisy_gating')} 1")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             return (f"{flag(name)} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}",

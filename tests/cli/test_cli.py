@@ -84,6 +84,7 @@ def test_card_script_resume_and_generate(tmp_path):
      "--router_jitter is not an option of --router topk; drop --router_jitter, or pick a "
      "router that has it: hierarchical"),
     (["train", "--router_jitter", "1"], "--router_jitter must be below 1"),
+    (["train", "--load_coef", "0.1"], "--load_coef needs --noisy_gating"),
 ])
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):

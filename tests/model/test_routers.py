@@ -207,6 +207,71 @@ def test_router_jitter_flips_near_ties_in_training_only():
     assert torch.equal(r.eval()(x_TD).ids_TK, reference)
 
 
+def test_stay_probability_matches_redrawing_the_noise():
+    """Shazeer's smooth load estimate against its definition: redraw one choice's noise many
+    times, the others' noisy logits fixed, and count how often it is in the top k."""
+    gen = torch.Generator().manual_seed(6)
+    std, k, draws = 0.7, 2, 20000
+    clean_TC = torch.randn(3, 5, generator=gen)
+    clean_TC[2, 4] = float("-inf")  # an empty slot
+    noisy_TC = clean_TC + std * torch.randn(3, 5, generator=gen)
+    got = losses.stay_probability(clean_TC, noisy_TC, k, std)
+    for t in range(3):
+        for c in range(5):
+            trials = noisy_TC[t].repeat(draws, 1)
+            trials[:, c] = clean_TC[t, c] + std * torch.randn(draws, generator=gen)
+            stays = (trials.topk(k, dim=-1).indices == c).any(-1).float().mean()
+            assert abs(float(got[t, c]) - float(stays)) < 0.015, (t, c)
+    assert got[2, 4] == 0
+    assert torch.equal(losses.stay_probability(clean_TC[:, :2], noisy_TC[:, :2], 2, std),
+                       torch.ones(3, 2))  # k of k choices: always in
+
+
+@pytest.mark.parametrize("loss", ["importance", "load"])
+def test_shazeer_losses_balance_a_skewed_router(loss):
+    """Only Shazeer et al.'s importance or load loss trains the router, under noisy gating:
+    the load evens out over experts and groups."""
+    torch.manual_seed(3)
+    cfg = tiny_config(num_moes=2, num_experts=4, top_k_experts=1, switch_coef=0.0,
+                      bias_update_rate=0.0, noisy_gating=0.3, **{f"{loss}_coef": 1.0})
+    r = build_router(cfg).train()
+    x = torch.randn(512, cfg.n_embd)
+    x[:, 0] += 1.0
+    with torch.no_grad():  # low-numbered groups and experts win
+        for p in r.parameters():
+            n = p.shape[-2]
+            p[..., 0] = torch.linspace(1.0, -1.0, n).view(*([1] * (p.dim() - 2)), n)
+
+    def figures():
+        return load_figures(torch.bincount(r.eval()(x).ids_TK.flatten(), minlength=8), 2)
+
+    before = figures()
+    opt = torch.optim.Adam(r.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        r.train()(x).aux[loss].backward()
+        opt.step()
+    after = figures()
+    assert before["expert_cv"] > 1.5 and after["expert_cv"] < 0.5
+    assert after["group_cv"] < before["group_cv"] and after["dead_experts"] == 0
+
+
+def test_noisy_gating_with_zero_gates_spreads_tokens_and_keeps_clean_weights():
+    """Zero-initialised gates give every logit 0: evaluation sends every token to the same
+    experts, noisy gating in training spreads them over all of them, and the combine weights
+    are the clean ones (1/N * 1/M) either way."""
+    cfg = tiny_config(num_moes=2, num_experts=4, top_k_experts=1, zero_router_init=True,
+                      noisy_gating=1.0)
+    r = build_router(cfg)
+    assert not any(p.any() for p in r.parameters())
+    x = torch.randn(256, cfg.n_embd)
+    evaluated, trained = r.eval()(x), r.train()(x)
+    assert evaluated.ids_TK.unique().numel() == 1
+    assert torch.bincount(trained.ids_TK.flatten(), minlength=8).min() > 0
+    for routing in (evaluated, trained):
+        torch.testing.assert_close(routing.weights_TK, torch.full((256, 1), 1 / 8))
+
+
 @pytest.mark.slow  # seconds of whole training runs
 def test_a_tiny_default_run_keeps_every_expert_alive(tmp_path):
     text = "".join(chr(97 + (i * 7 + i // 13) % 26) + " ,.\n"[i % 4] for i in range(6000))

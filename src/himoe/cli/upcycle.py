@@ -11,7 +11,8 @@ from himoe.cli.train import add_config_flags, given_settings
 # model's config.json.
 FLAGS = ("router", "num_moes", "num_experts", "top_k_groups", "top_k_experts",
          "shared_fraction", "renormalize", "capacity_factor", "switch_coef", "z_coef",
-         "bias_update_rate", "bias_rate_schedule", "seq_switch_coef", "router_jitter")
+         "bias_update_rate", "bias_rate_schedule", "seq_switch_coef", "router_jitter",
+         "noisy_gating", "importance_coef", "load_coef")
 
 DESCRIPTION = (
     "Writes a MoE whose backbone is the dense model's and whose experts start from each "

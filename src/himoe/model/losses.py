@@ -31,6 +31,28 @@ def sequence_switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
     return E * (f_SE * probs_TE.view(-1, seq_len, E).mean(1)).sum(-1).mean()
 
 
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """(std / mean)^2 of a vector: 0 when every entry is equal (Shazeer et al. 2017)."""
+    return x_E.var(unbiased=False) / x_E.mean().square().clamp_min(1e-10)
+
+
+def stay_probability(clean_TC: torch.Tensor, noisy_TC: torch.Tensor, k: int,
+                     std: float) -> torch.Tensor:
+    """Shazeer et al. 2017's smooth load estimate, per token and choice: the probability
+    that choice c is among the top k of noisy_TC if only its own noise were drawn again,
+    Phi((clean_c - threshold) / std). The threshold is the k-th largest of the other noisy
+    logits: the (k+1)-th largest overall for a choice in the top k, the k-th for the rest.
+    -inf logits (empty slots) get 0."""
+    C = clean_TC.shape[-1]
+    if k >= C:
+        return (clean_TC > float("-inf")).to(clean_TC.dtype)
+    top_TK = noisy_TC.topk(k + 1, dim=-1).values
+    kth_T1, next_T1 = top_TK[:, k - 1:k], top_TK[:, k:k + 1]
+    threshold_TC = torch.where(noisy_TC >= kth_T1, next_T1, kth_T1)
+    z_TC = ((clean_TC - threshold_TC) / std).nan_to_num(nan=float("-inf"))
+    return torch.special.ndtr(z_TC)
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean_x logsumexp(z)^2: keeps router logits small, so softmax stays well conditioned."""
     return logits_TE.logsumexp(-1).square().mean()

@@ -22,8 +22,9 @@ class HierarchicalRouter(nn.Module):
         self.main_weight_ND = nn.Parameter(torch.empty(cfg.num_moes, cfg.n_embd))
         self.group_weight_NMD = nn.Parameter(torch.empty(cfg.num_moes, cfg.num_experts,
                                                          cfg.n_embd))
-        nn.init.normal_(self.main_weight_ND, std=0.02)
-        nn.init.normal_(self.group_weight_NMD, std=0.02)
+        init = nn.init.zeros_ if cfg.zero_router_init else lambda w: nn.init.normal_(w, std=0.02)
+        init(self.main_weight_ND)
+        init(self.group_weight_NMD)
         self.intra_scale = 1.0  # set by the trainer for the R_intra warm-up
         # Loss-free balancing: selection biases for groups and for experts within groups.
         self.register_buffer("group_bias_N", torch.zeros(cfg.num_moes))
@@ -54,14 +55,22 @@ class HierarchicalRouter(nn.Module):
         z_TC = x_TD.float() @ w_CD.float().t()
         logits1_TN, logits2_TNM = z_TC[:, :N], z_TC[:, N:].view(-1, N, M)
         p1_TN = F.softmax(logits1_TN, dim=-1)
-        g_TG = (p1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
+        # Noisy top-k gating: noise moves which choices are taken, never the weights.
+        noisy = self.training and cfg.noisy_gating > 0
+        noisy1_TN = logits1_TN + cfg.noisy_gating * torch.randn_like(logits1_TN) if noisy \
+            else logits1_TN
+        pick1_TN = F.softmax(noisy1_TN, dim=-1) if noisy else p1_TN
+        g_TG = (pick1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
         p1_TG = p1_TN.gather(1, g_TG)  # G = top_k_groups; weights never see the bias
         if self.ragged:
             logits2_TNM = logits2_TNM.masked_fill(~self.slot_mask_NM, float("-inf"))
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
         logits2_TGM = logits2_TNM.gather(1, idx_TGM)
         p2_TGM = F.softmax(logits2_TGM, dim=-1)
-        score_TGM = p2_TGM + self.expert_bias_E.view(N, M)[g_TG]
+        noisy2_TGM = logits2_TGM + cfg.noisy_gating * torch.randn_like(logits2_TGM) if noisy \
+            else logits2_TGM
+        pick2_TGM = F.softmax(noisy2_TGM, dim=-1) if noisy else p2_TGM
+        score_TGM = pick2_TGM + self.expert_bias_E.view(N, M)[g_TG]
         if self.ragged:  # an empty slot's p2 is 0, but its bias 0 can beat a negative one
             score_TGM = score_TGM.masked_fill(~self.slot_mask_NM[g_TG], float("-inf"))
         j_TGJ = score_TGM.topk(cfg.top_k_experts, dim=-1).indices  # J = top_k_experts
@@ -75,6 +84,15 @@ class HierarchicalRouter(nn.Module):
         if cfg.switch_coef:
             aux["switch"] = cfg.switch_coef * two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ,
                                                                     self.group_sizes_N)
+        if cfg.importance_coef:
+            importance_E = torch.zeros(N * M, dtype=weights_TK.dtype, device=x_TD.device)
+            importance_E = importance_E.index_add(0, ids_TK.reshape(-1), weights_TK.reshape(-1))
+            aux["importance"] = cfg.importance_coef * losses.cv_squared(
+                importance_E[self.slot_mask_NM.reshape(-1)])
+        if cfg.load_coef:
+            aux["load"] = cfg.load_coef * losses.cv_squared(two_level_load(
+                cfg, logits1_TN, noisy1_TN, g_TG, logits2_TGM, noisy2_TGM
+            )[self.slot_mask_NM.reshape(-1)])
         if cfg.z_coef:
             aux["z"] = cfg.z_coef * (losses.z_loss(logits1_TN)
                                      + losses.z_loss(logits2_TGM.reshape(-1, M)))  # -inf: exp 0
@@ -104,6 +122,22 @@ def routing_entropy(p1_TN: torch.Tensor, logits2_TNM: torch.Tensor) -> float:
     """Mean entropy of the joint routing distribution p1[g] * p2[g, j] (nats)."""
     joint_TE = (p1_TN.unsqueeze(-1) * F.softmax(logits2_TNM, dim=-1)).flatten(1)
     return float(losses.entropy(joint_TE).mean())
+
+
+def two_level_load(cfg: ModelConfig, logits1_TN, noisy1_TN, g_TG, logits2_TGM,
+                   noisy2_TGM) -> torch.Tensor:
+    """Shazeer et al. 2017's load of each expert in a two-level MoE, [N * M]: group g's
+    smooth load times, over the tokens that reached g, expert j's smooth load within g per
+    token, Load_1[g] * Load_2[g, j] / |X_g|."""
+    N, M, std = cfg.num_moes, cfg.num_experts, cfg.noisy_gating
+    load1_N = losses.stay_probability(logits1_TN, noisy1_TN, cfg.top_k_groups, std).sum(0)
+    stay2_SM = losses.stay_probability(logits2_TGM.reshape(-1, M), noisy2_TGM.reshape(-1, M),
+                                       cfg.top_k_experts, std)
+    group_S = g_TG.reshape(-1)  # one row per (token, chosen group)
+    load2_NM = torch.zeros(N, M, dtype=stay2_SM.dtype, device=stay2_SM.device).index_add(
+        0, group_S, stay2_SM)
+    reached_N = torch.bincount(group_S, minlength=N).clamp_min(1).to(load2_NM.dtype)
+    return (load1_N[:, None] * load2_NM / reached_N[:, None]).reshape(-1)
 
 
 def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N) -> torch.Tensor:
