@@ -84,10 +84,13 @@ def report(lines: list[dict], png: Path | None) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        # Past the default cycle's 10 colours, tab20's 20 keep every variant its own.
+        colours = [f"C{i}" for i in range(10)] if len(by_variant) <= 10 else \
+            [plt.get_cmap("tab20")(i % 20) for i in range(len(by_variant))]
         for i, (variant, runs) in enumerate(by_variant.items()):
             for j, r in enumerate(runs):
                 ax.plot([e["step"] for e in r["evals"]], [e["val"] for e in r["evals"]],
-                        color=f"C{i}", alpha=1.0 if j == 0 else 0.5,
+                        color=colours[i], alpha=1.0 if j == 0 else 0.5,
                         label=variant if j == 0 else None, marker="o", ms=3)
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats/char, no auxiliary terms)")
