@@ -209,6 +209,11 @@ class TrainConfig(_Section):
                                       "learning rate's warm-up and cosine decay; constant: "
                                       "bias_update_rate at every step",
                                       choices=BIAS_RATE_SCHEDULES)
+    # Kept in their own AdamW parameter groups only when not 1, so an optimiser state saved
+    # before the option existed (two groups) still loads; hence no move to or from 1 on
+    # resume (cli.train refuses it).
+    router_lr_scale: float = setting(1.0, "the routers' learning rate as a multiple of --lr, "
+                                     "through the same warm-up and decay")
     # The initial weights, the batch order and dropout: kept on resume like the rest.
     seed: int = setting(1337, "random seed")
     # What the model was trained on: recorded, so `himoe experts` and `himoe analyze` find it.
@@ -316,7 +321,7 @@ UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "e
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
          "router_temp", "bias_update_rate", "seq_switch_coef", "router_jitter", "noisy_gating",
-         "importance_coef", "load_coef")
+         "importance_coef", "load_coef", "router_lr_scale")
 _FIELDS = dataclasses.fields(HiMoEConfig)
 FLAG_NAMES = {f.name: f.metadata["flag"] for f in _FIELDS if "flag" in f.metadata}
 CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS if "choices" in f.metadata}
@@ -385,8 +390,9 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
     if not 0.0 <= cfg.shared_fraction < 1.0:
         return (f"{flag('shared_fraction')} must be in [0, 1) (the shared expert's share of the "
                 f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
-    if cfg.lr == 0:
-        return f"{flag('lr')} must be greater than 0", "pass e.g. 3e-4"
+    for name, example in (("lr", "3e-4"), ("router_lr_scale", "1")):
+        if getattr(cfg, name) == 0:
+            return f"{flag(name)} must be greater than 0", f"pass e.g. {example}"
     for name in ROUTER_OPTIONS:
         if getattr(cfg, name) and name not in router_spec(cfg.router).options:
             return (f"{flag(name)} is not an option of {flag('router')} {cfg.router}",

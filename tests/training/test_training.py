@@ -176,3 +176,44 @@ def test_a_config_json_without_a_bias_schedule_keeps_the_constant_step_it_traine
     assert saved["bias_rate_schedule"] == "lr"  # today's default, recorded
     del saved["bias_rate_schedule"]  # as written before the option existed
     assert HiMoEConfig.from_dict(saved).bias_rate_schedule == "constant"
+
+
+def test_router_lr_scale_moves_only_the_routers_faster(tmp_path):
+    """One AdamW step from the same weights and batch: at router_lr_scale 3 each router
+    weight moves 3x as far as at 1 (Adam's first step is about lr * sign(grad), decay
+    aside), every other parameter exactly as far; at 1 the optimiser keeps its two groups."""
+    moved = {}
+    for scale in (1.0, 3.0):
+        trainer = Trainer(run_cfg(tmp_path, f"s{scale}", router_lr_scale=scale,
+                                  weight_decay=0.0))
+        groups = trainer.optimizer.param_groups
+        assert len(groups) == (2 if scale == 1 else 3)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train(stop_at=1)
+        moved[scale] = {n: (p.detach() - before[n]).abs().sum()
+                        for n, p in trainer.model.named_parameters()}
+    for name, far in moved[3.0].items():
+        if ".router." in name:
+            torch.testing.assert_close(far, 3 * moved[1.0][name], rtol=1e-3, atol=0)
+        else:
+            assert torch.equal(far, moved[1.0][name]), name
+
+
+def test_resume_with_router_lr_scale_equals_an_uninterrupted_run(tmp_path):
+    straight = Trainer(run_cfg(tmp_path, "a", router_lr_scale=0.5)).train()
+    Trainer(run_cfg(tmp_path, "b", router_lr_scale=0.5)).train(stop_at=5)
+    resumed = Trainer(run_cfg(tmp_path, "b", router_lr_scale=0.5), resume=True).train()
+    assert straight.train_losses[5:] == resumed.train_losses
+
+
+def test_resume_refuses_to_move_router_lr_scale_to_or_from_1(tmp_path):
+    import argparse
+
+    from himoe.cli.train import config_from_args
+    from himoe.errors import UserError
+
+    Trainer(run_cfg(tmp_path, "m")).train(stop_at=5)
+    model_dir = str(tmp_path / "m")
+    assert config_from_args(argparse.Namespace(model_dir=model_dir), True).router_lr_scale == 1
+    with pytest.raises(UserError, match="--router_lr_scale 2 cannot resume a run trained at 1"):
+        config_from_args(argparse.Namespace(model_dir=model_dir, router_lr_scale=2.0), True)

@@ -12,12 +12,22 @@ from himoe.model.grad_sink import grad_parts
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices (embeddings, attention, routers, stacked experts); none on
-    biases and LayerNorms. The tied embedding is one parameter and is listed once."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters() already skips the tied copy
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    biases and LayerNorms. The tied embedding is one parameter and is listed once. With
+    router_lr_scale other than 1 the routers' parameters get their own two groups, tagged
+    "routers" (set_scheduled_lr scales their rate)."""
+    own_groups = cfg.router_lr_scale != 1
+    decay, no_decay, router_decay, router_no_decay = [], [], [], []
+    for name, p in model.named_parameters():  # already skips the tied copy
+        router = own_groups and ".router." in f".{name}"
+        if p.dim() >= 2:
+            (router_decay if router else decay).append(p)
+        else:
+            (router_no_decay if router else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": params, "weight_decay": wd, "routers": True}
+               for params, wd in ((router_decay, cfg.weight_decay), (router_no_decay, 0.0))
+               if params]
     try:
         # The fused kernel makes one pass over each tensor: on a CPU it is ~5x faster than
         # the default loop, which matters when 50M expert weights are updated every step.
@@ -27,10 +37,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 
 def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Every parameter group at the schedule's rate for `step`; returns that rate."""
+    """Every parameter group at the schedule's rate for `step`, the routers' groups times
+    router_lr_scale; returns the schedule's rate."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * cfg.router_lr_scale if group.get("routers") else lr
     return lr
 
 
