@@ -55,11 +55,7 @@ class HierarchicalRouter(nn.Module):
         z_TC = x_TD.float() @ w_CD.float().t()
         logits1_TN, logits2_TNM = z_TC[:, :N], z_TC[:, N:].view(-1, N, M)
         p1_TN = F.softmax(logits1_TN, dim=-1)
-        # Noisy top-k gating: noise moves which choices are taken, never the weights.
-        noisy = self.training and cfg.noisy_gating > 0
-        noisy1_TN = logits1_TN + cfg.noisy_gating * torch.randn_like(logits1_TN) if noisy \
-            else logits1_TN
-        pick1_TN = F.softmax(noisy1_TN, dim=-1) if noisy else p1_TN
+        noisy1_TN, pick1_TN = self.noised(logits1_TN, p1_TN)
         g_TG = (pick1_TN + self.group_bias_N).topk(cfg.top_k_groups, dim=-1).indices
         p1_TG = p1_TN.gather(1, g_TG)  # G = top_k_groups; weights never see the bias
         if self.ragged:
@@ -67,9 +63,7 @@ class HierarchicalRouter(nn.Module):
         idx_TGM = g_TG.unsqueeze(-1).expand(-1, -1, M)
         logits2_TGM = logits2_TNM.gather(1, idx_TGM)
         p2_TGM = F.softmax(logits2_TGM, dim=-1)
-        noisy2_TGM = logits2_TGM + cfg.noisy_gating * torch.randn_like(logits2_TGM) if noisy \
-            else logits2_TGM
-        pick2_TGM = F.softmax(noisy2_TGM, dim=-1) if noisy else p2_TGM
+        noisy2_TGM, pick2_TGM = self.noised(logits2_TGM, p2_TGM)
         score_TGM = pick2_TGM + self.expert_bias_E.view(N, M)[g_TG]
         if self.ragged:  # an empty slot's p2 is 0, but its bias 0 can beat a negative one
             score_TGM = score_TGM.masked_fill(~self.slot_mask_NM[g_TG], float("-inf"))
@@ -105,6 +99,15 @@ class HierarchicalRouter(nn.Module):
                     pi_TE, ids_TK, seq_len or len(x_TD))
         p1_TN, logits2_TNM = p1_TN.detach(), logits2_TNM.detach()
         return Routing(ids_TK, weights_TK, aux, lambda: routing_entropy(p1_TN, logits2_TNM))
+
+    def noised(self, logits: torch.Tensor, probs: torch.Tensor):
+        """(logits, probabilities) the top-k choice reads: with noisy gating in training, the
+        logits plus Gaussian noise and their softmax; else the clean ones. Noise moves which
+        choices are taken, never the combine weights."""
+        if not (self.training and self.cfg.noisy_gating > 0):
+            return logits, probs
+        noisy = logits + self.cfg.noisy_gating * torch.randn_like(logits)
+        return noisy, F.softmax(noisy, dim=-1)
 
     @torch.no_grad()
     def update_balance_bias(self, rate_scale: float = 1.0) -> None:
