@@ -9,19 +9,28 @@ the routed part's expert FLOPs with one large matmul per weight, so their differ
 what the routing and the 48 small matmuls cost.
 
     python benchmarks/step_phases.py [--repeats 40] [--warmup 5] [--threads 2]
+    python benchmarks/step_phases.py --batch_sizes 8,16,32,64,128 [--png sweep.png]
 
 Both sides train on the shipped Hamlet with the learning-rate schedule of `himoe train`, so
 the timed steps (6-45 by default, as in `himoe bench --only train`) route as a user's do.
 Sides alternate A B A B in one process; each cell is the median [min, max] in ms. The last
 line is the ratio the whole step would reach if each MoE layer's routed part cost no more
 than that dense FFN: an upper bound on what a faster dispatch alone can give.
+
+With --batch_sizes the same measurement runs at each batch size in turn (sides still
+alternating within each), and one table gives the step ratio and that bound against the
+rows each expert gets: what grows with the batch (the matmuls' rows) against what a step
+pays per expert whatever the batch (AdamW and clipping over every expert's weights, the
+per-expert calls).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -124,6 +133,20 @@ def measure(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, repeats: int, warmup: 
     return {"steps": steps, "parts": parts, "n_layer": cfg_moe.n_layer, "active": active}
 
 
+def ratios_and_bounds(result: dict) -> tuple[list[float], list[float]]:
+    """Per repeat: the step ratio (dense ms / default ms), and the same ratio with each MoE
+    layer's routed part priced at the same-FLOPs dense FFN's cost, the rest as is."""
+    moe, dense = result["steps"]["default"], result["steps"]["dense"]
+    ratios = [d[-1] / m[-1] for m, d in zip(moe, dense)]
+    excess = [result["n_layer"] * (p[1] - p[2]) for p in result["parts"]]
+    bounds = [d[-1] / (m[-1] - e) for m, d, e in zip(moe, dense, excess)]
+    return ratios, bounds
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x [{min(values):.2f}, {max(values):.2f}]"
+
+
 def report(result: dict) -> list[str]:
     """The two markdown tables and the bound, as lines."""
     moe, dense = result["steps"]["default"], result["steps"]["dense"]
@@ -133,21 +156,83 @@ def report(result: dict) -> list[str]:
         a, b = [r[j] for r in moe], [r[j] for r in dense]
         lines.append(f"| {phase} | {cell(a)} | {cell(b)} | "
                      f"{statistics.median(x - y for x, y in zip(a, b)):+.1f} |")
-    ratios = [d[-1] / m[-1] for m, d in zip(moe, dense)]
+    ratios, bounds = ratios_and_bounds(result)
     per_layer = [statistics.median(a) for a in zip(*result["active"])]
     lines += ["", "Experts with tokens in the timed steps, median per layer: "
                   + " / ".join(f"{n:g}" for n in per_layer), "",
-              f"Step ratio (dense ms / default ms, per repeat): "
-                  f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}, {max(ratios):.2f}]", ""]
+              f"Step ratio (dense ms / default ms, per repeat): {spread(ratios)}", ""]
     parts = result["parts"]
     lines += ["| one MoE layer of the default, forward+backward | ms |", "| --- | --- |"]
     lines += [f"| {name} | {cell([p[j] for p in parts])} |" for j, name in enumerate(LAYER_PARTS)]
-    # Each layer's routed part priced at the same-FLOPs dense FFN's cost, the rest as is.
-    excess = [result["n_layer"] * (p[1] - p[2]) for p in parts]
-    bound = [d[-1] / (m[-1] - e) for m, d, e in zip(moe, dense, excess)]
     lines += ["", f"If the routed part cost what the dense FFN of its FLOPs does: "
-                  f"{statistics.median(bound):.2f}x [{min(bound):.2f}, {max(bound):.2f}]"]
+                  f"{spread(bounds)}"]
     return lines
+
+
+def rows_per_expert(cfg: HiMoEConfig) -> float:
+    """Mean rows an expert's matmuls get in one layer's step at even routing."""
+    tokens = cfg.batch_size * cfg.block_size
+    return tokens * cfg.top_k_groups * cfg.top_k_experts / cfg.total_experts
+
+
+def sweep(cfg_moe: HiMoEConfig, cfg_dense: HiMoEConfig, batch_sizes: list[int], repeats: int,
+          warmup: int) -> list[tuple[HiMoEConfig, dict]]:
+    """measure() at each batch size in turn, fresh sides each time."""
+    out = []
+    for b in batch_sizes:
+        moe, dense = (dataclasses.replace(c, batch_size=b).validate()
+                      for c in (cfg_moe, cfg_dense))
+        out.append((moe, measure(moe, dense, repeats, warmup)))
+    return out
+
+
+def sweep_report(runs: list[tuple[HiMoEConfig, dict]], default: HiMoEConfig,
+                 png: Path | None = None) -> list[str]:
+    """One row per batch size; with png, the ratio and the bound against rows per expert,
+    the default's own batch size marked."""
+    lines = ["| batch size | tokens a step | rows per expert (mean) | default step (ms) | "
+             "dense step (ms) | step ratio | bound with the dispatch free |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    curves = []
+    for cfg, result in runs:
+        ratios, bounds = ratios_and_bounds(result)
+        moe, dense = ([r[-1] for r in result["steps"][k]] for k in ("default", "dense"))
+        lines.append(f"| {cfg.batch_size} | {cfg.batch_size * cfg.block_size:,} | "
+                     f"{rows_per_expert(cfg):.0f} | {cell(moe)} | {cell(dense)} | "
+                     f"{spread(ratios)} | {spread(bounds)} |")
+        curves.append((rows_per_expert(cfg), ratios, bounds))
+    if png is not None:
+        plot_sweep(curves, default, png)
+    return lines
+
+
+def plot_sweep(curves: list[tuple[float, list[float], list[float]]], cfg: HiMoEConfig,
+               png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [c[0] for c in curves]
+    for j, (label, colour) in enumerate((("step ratio, as trained", "C0"),
+                                          ("bound: routed part at dense-FFN cost", "C1"))):
+        values = [c[1 + j] for c in curves]
+        ax.plot(xs, [statistics.median(v) for v in values], marker="o", color=colour,
+                label=label)
+        ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
+                        color=colour, alpha=0.15)
+    ax.axhline(0.85, color="grey", ls="--", lw=1, label="target 0.85x")
+    ax.axvline(rows_per_expert(cfg), color="grey", ls=":", lw=1,
+               label=f"the default batch ({cfg.batch_size} x {cfg.block_size} tokens)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rows per expert and layer in a step (mean)")
+    ax.set_ylabel("default speed / dense-equivalent's (per step)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--batch_sizes", help="comma list: one row per batch size instead")
+    p.add_argument("--png", type=Path, help="with --batch_sizes: the sweep's chart")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     _, tok = hamlet()
     cfg = HiMoEConfig(vocab_size=tok.vocab_size).validate()
     dense = HiMoEConfig(vocab_size=tok.vocab_size, router="dense").validate()
-    print("\n".join(report(measure(cfg, dense, args.repeats, args.warmup))))
+    if args.batch_sizes:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        runs = sweep(cfg, dense, sizes, args.repeats, args.warmup)
+        print("\n".join(sweep_report(runs, cfg, args.png)))
+    else:
+        print("\n".join(report(measure(cfg, dense, args.repeats, args.warmup))))
 
 
 if __name__ == "__main__":

@@ -47,3 +47,27 @@ def test_timing_a_layer_leaves_the_routers_counts_as_they_were():
     assert len(sp.layer_parts_ms(side, x_TD, DenseFFN(16, 32))) == 3
     assert all(torch.equal(a, b) for a, b in zip(before, router.buffers()))
     assert x_TD.grad is None
+
+
+def test_sweep_runs_each_batch_size_and_reports_rows_per_expert(tmp_path):
+    sp = load_benchmark("step_phases")
+    cfg = HiMoEConfig(**TINY).validate()
+    runs = sp.sweep(cfg, HiMoEConfig(**TINY, router="dense").validate(), [2, 8],
+                    repeats=2, warmup=1)
+    assert [c.batch_size for c, _ in runs] == [2, 8]
+    assert all(len(r["steps"]["default"]) == 2 for _, r in runs)
+    png = tmp_path / "sweep.png"
+    lines = sp.sweep_report(runs, cfg, png)
+    # 8 x 16 tokens, top-1 of 2 groups, then top-2 of its 3 experts: 256 rows over 6.
+    assert lines[3].startswith("| 8 | 128 | 43 |")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_rows_carry_each_batch_sizes_ratio_and_bound():
+    sp = load_benchmark("step_phases")
+    cfg = HiMoEConfig(**TINY).validate()
+    result = {"steps": {"default": [[9, 1, 0, 0, 10]], "dense": [[8, 0, 0, 0, 8]]},
+              "parts": [[0.5, 3.0, 2.0]], "n_layer": 2, "active": [[5, 7]]}
+    row = sp.sweep_report([(cfg, result)], cfg)[2]
+    assert row == "| 4 | 64 | 21 | 10.0 [10.0, 10.0] | 8.0 [8.0, 8.0] | 0.80x [0.80, 0.80] | " \
+                  "1.00x [1.00, 1.00] |"
