@@ -30,7 +30,7 @@ from himoe.distributed.plan import Discard, Parallel
 from himoe.edit.specs import spec_files
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
-from himoe.training.allocator import keep_freed_memory
+from himoe.training.allocator import FreedMemoryWatch, keep_freed_memory
 from himoe.training.device import autocast, resolve_device
 from himoe.training.evaluation import evaluate, flag_collapse
 from himoe.training.flops import mfu, peak_flops
@@ -125,7 +125,7 @@ class Trainer:
         check_training_fits(cfg, self.device)  # an absurd batch: one line, not an OOM kill
         if cfg.log == "tensorboard":
             require_tensorboard()  # refused before any work when the package is missing
-        keep_freed_memory()
+        self.heap_watch = FreedMemoryWatch(active=keep_freed_memory())
         corpus = open_corpus(cfg.data_file)  # documents, or a prepared directory
         self.corpus_sha256 = corpus.sha256()
         checkpoint.check_model_dir_writable(self.model_dir)
@@ -292,6 +292,7 @@ class Trainer:
                 window.losses.append(loss_value)
             if self.freezer is not None:  # AdamW may have moved frozen rows: put them back
                 self.freezer.after_step()
+            self.heap_watch.after_step()
             window.seconds += time.perf_counter() - t0
             self.step += 1
             window.steps += 1
