@@ -6,16 +6,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from himoe.bench.throughput import REPORT_BEGIN, REPORT_END, with_report
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "| benchmark | measured (median) | baseline (median) | ratio median [min, max] |"
-ROWS = ("| card training in one process:", "| grouped 6 x top-1", "| generation of",
+ROWS = ("| card training in one process:", "| grouped 6 x top-1",
+        "| training step: the default model vs transformers Qwen2-MoE", "| generation of",
         "| peak memory (RSS)", "| MoE layer forward+backward", "| card training on a GPU")
 # Every section but the whole-process one: its dozen `himoe train` launches would take
 # minutes on a busy 2-core machine; its arithmetic is tested below with a fake clock.
-IN_PROCESS = "card,grouped,generate,memory,layer,gpu"
+IN_PROCESS = "card,grouped,peer,generate,memory,layer,gpu"
 
 
 @pytest.mark.slow
@@ -73,3 +75,27 @@ def test_process_rows_time_the_long_minus_the_short_run(monkeypatch):
     assert calls[:4] == [((), long), ((), short), (("--router", "dense"), long),
                          (("--router", "dense"), short)]  # A B A B, each long then short
     assert len(calls) == 4 * 3 * len(bench.PROCESS_VARIANTS)
+
+
+def test_the_peer_matches_the_defaults_parameters_and_active_ffn_flops():
+    """Qwen2-MoE's SwiGLU experts 2/3 as wide as the default's GELU ones: the same weights
+    per expert, so the same parameters within the embeddings' and norms' differences."""
+    pytest.importorskip("transformers")
+    from himoe.bench.peer import QwenMoeSide, qwen2_moe_config
+    from himoe.config import HiMoEConfig
+    from himoe.model import HiMoEModel
+
+    cfg = HiMoEConfig(vocab_size=65, n_embd=64, n_head=2, block_size=16, batch_size=2,
+                      device="cpu").validate()
+    qcfg = qwen2_moe_config(cfg)
+    assert qcfg.num_experts == 48 and qcfg.num_experts_per_tok == 2
+    # Multiply-adds per token of the experts and the shared expert: 3 D I against 2 D F.
+    assert 3 * qcfg.moe_intermediate_size == pytest.approx(2 * cfg.ffn_hidden, abs=2)
+    assert 3 * qcfg.shared_expert_intermediate_size == pytest.approx(2 * cfg.shared_hidden,
+                                                                     abs=2)
+    peer = QwenMoeSide(cfg)
+    ours = sum(p.numel() for p in HiMoEModel(cfg).parameters())
+    assert abs(peer.parameter_count() - ours) / ours < 0.02
+    x_BT = torch.randint(0, 65, (2, 16))
+    first = peer.step(x_BT, x_BT.roll(-1, 1))
+    assert first > 0 and peer.step(x_BT, x_BT.roll(-1, 1)) < first  # it trains

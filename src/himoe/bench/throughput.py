@@ -38,10 +38,11 @@ from himoe.data.tokenizers import CharTokenizer
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory
 from himoe.training.device import autocast
+from himoe.training.flops import mfu, peak_flops
 from himoe.training.optim import bias_rate_at, build_optimizer, set_scheduled_lr
 from himoe.training.step import train_step, write_expert_grads_in_place
 
-SECTIONS = ("train", "card", "grouped", "generate", "memory", "layer", "gpu")
+SECTIONS = ("train", "card", "grouped", "peer", "generate", "memory", "layer", "gpu")
 SECTION_ALIASES = {"a": "card", "b": "grouped", "c": "generate", "d": "memory"}
 # Hi-MoE's grouped routing: top-1 in each of the 6 groups, with the paper's regularisers.
 GROUPED = dict(router="grouped", top_k_experts=1, switch_coef=0.01, z_coef=0.001,
@@ -54,7 +55,7 @@ CARD_GEN_TOKENS = 400  # the card's sample.txt
 # the sizes of docs/benchmarks.md in bf16; on a CPU one size in fp32, to keep the run short.
 LAYER_TOKENS = {"cuda": (8192, 16384, 32768, 65536), "cpu": (8192,), "smoke": (64,)}
 TARGETS = {"card": 0.85, "grouped": 0.23, "generate": 5.0, "memory_mb": 2000.0,
-           "train": 0.85}
+           "train": 0.85, "peer": 1.5}
 # Whole `himoe train` processes: (short, long) --max_iters; the long run's extra steps are
 # timed, so start-up, the final evaluation, the sample and the save cancel out.
 PROCESS_STEPS = {"full": (5, 45), "smoke": (1, 3)}
@@ -168,11 +169,16 @@ class TrainSide:
                               bias_rate_scale=bias_rate_scale).item()
 
     def tokens_per_s(self, batches) -> float:
-        t0 = time.perf_counter()
-        for x_BT, y_BT in batches:
-            self.step(x_BT, y_BT)
-        seconds = time.perf_counter() - t0
-        return len(batches) * self.cfg.batch_size * self.cfg.block_size / seconds
+        return tokens_per_s(self, batches)
+
+
+def tokens_per_s(side, batches) -> float:
+    """Training tokens/s of `side` (anything with .step(x, y) and .cfg) over the batches."""
+    t0 = time.perf_counter()
+    for x_BT, y_BT in batches:
+        side.step(x_BT, y_BT)
+    seconds = time.perf_counter() - t0
+    return len(batches) * side.cfg.batch_size * side.cfg.block_size / seconds
 
 
 def alternate(side_a: Callable[[int], float], side_b: Callable[[int], float],
@@ -188,22 +194,48 @@ def alternate(side_a: Callable[[int], float], side_b: Callable[[int], float],
 def compare_training(variant: HiMoEConfig, dense: HiMoEConfig, data: torch.Tensor,
                      settings: Settings, device: str = "cpu") -> tuple[list[float], list[float]]:
     """Tokens/s of each side per repeat, after `warmup` untimed steps each."""
-    a, b = (TrainSide(build(variant), variant, device), TrainSide(build(dense), dense, device))
+    return compare_sides(TrainSide(build(variant), variant, device),
+                         TrainSide(build(dense), dense, device), data, settings)
+
+
+def compare_sides(a, b, data: torch.Tensor, settings: Settings):
+    """Tokens/s of two training sides per repeat, A B A B on the same batches, after
+    `warmup` untimed steps each."""
     warm = sample_batches(data, a.cfg, settings.warmup, seed=0)
     for side in (a, b):
-        side.tokens_per_s(warm)
+        tokens_per_s(side, warm)
     timed = [sample_batches(data, a.cfg, settings.steps, seed=1 + r)
              for r in range(settings.repeats)]
-    return alternate(lambda r: a.tokens_per_s(timed[r]), lambda r: b.tokens_per_s(timed[r]),
+    return alternate(lambda r: tokens_per_s(a, timed[r]), lambda r: tokens_per_s(b, timed[r]),
                      settings.repeats)
 
 
+def bench_peer(data, vocab_size, settings: Settings) -> Row:
+    """himoe's default model against transformers' Qwen2-MoE (experts on grouped_mm) at the
+    same parameters and active FFN FLOPs (himoe.bench.peer), one training step each."""
+    name = "training step: the default model vs transformers Qwen2-MoE (grouped_mm)"
+    cfg = HiMoEConfig(vocab_size=vocab_size, device="cpu", **settings.sizes).validate()
+    try:
+        import transformers
+
+        from himoe.bench.peer import QwenMoeSide
+        peer = QwenMoeSide(cfg)
+    except ImportError:
+        return Row(name, "not run: needs transformers (pip install 'himoe[hf]')")
+    ours = TrainSide(build(cfg), cfg)
+    rates_o, rates_p = compare_sides(ours, peer, data, settings)
+    return training_row(f"{name}, transformers {transformers.__version__}, "
+                        f"{peer.parameter_count() / 1e6:.1f}M vs "
+                        f"{sum(p.numel() for p in ours.params) / 1e6:.1f}M parameters",
+                        "peer", rates_o, rates_p, versus="Qwen2-MoE")
+
+
 def training_row(name: str, target_key: str, rates_v: list[float],
-                 rates_d: list[float]) -> Row:
+                 rates_d: list[float], versus: str = "dense") -> Row:
     ratios = [v / d for v, d in zip(rates_v, rates_d)]
     target = TARGETS[target_key]
     return Row(name, rate_cell(rates_v, "tok/s"), rate_cell(rates_d, "tok/s"),
-               ratio_cell(ratios), f">= {target:.2f}x dense",
+               ratio_cell(ratios), f">= {target:.2f}x {versus}",
                yes_no(statistics.median(ratios) >= target))
 
 
@@ -233,8 +265,14 @@ def bench_gpu(data, vocab_size, settings: Settings) -> Row:
     dense = card_config(vocab_size, settings, device="cuda", router="dense")
     rates_v, rates_d = compare_training(card, dense, data, settings, device="cuda")
     ratios = [v / d for v, d in zip(rates_v, rates_d)]
-    return Row(f"{name} ({torch.cuda.get_device_name()})", rate_cell(rates_v, "tok/s"),
-               rate_cell(rates_d, "tok/s"), ratio_cell(ratios))
+    # MFU on active parameters, as `himoe train` logs it; the peak is the GPU's bf16 one.
+    peak = peak_flops(torch.device("cuda"))
+    active = build(card).parameter_counts()[1]
+    util = mfu(card, active, statistics.median(rates_v), peak)
+    mfu_text = f", MFU {util:.1%}" if util is not None else ", MFU: unknown GPU peak"
+    return Row(f"{name} ({torch.cuda.get_device_name()})",
+               rate_cell(rates_v, "tok/s") + mfu_text, rate_cell(rates_d, "tok/s"),
+               ratio_cell(ratios))
 
 
 # --- whole training processes, as a user runs them ---
@@ -526,6 +564,7 @@ def run_sections(names: list[str], settings: Settings) -> list[Row]:
     runners = {"train": lambda: bench_train_processes(settings),
                "card": lambda: bench_card(data, tok.vocab_size, settings),
                "grouped": lambda: bench_grouped(data, tok.vocab_size, settings),
+               "peer": lambda: bench_peer(data, tok.vocab_size, settings),
                "generate": lambda: bench_generate(tok, settings),
                "memory": lambda: bench_memory(settings),
                "layer": lambda: bench_layer(settings),
