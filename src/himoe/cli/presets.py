@@ -23,8 +23,10 @@ PRESETS: dict[str, dict] = {
     "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=2, shared_fraction=0.25,
                   switch_coef=0.01, bias_update_rate=1e-3, bias_rate_schedule="lr",
                   dropout=0.0),
-    # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss.
-    "himoe-card": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1),
+    # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss, and the
+    # card's learning rate.
+    "himoe-card": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1,
+                                 lr=3e-4),
     # The card's routing with loss-free bias balancing (the gradient is left alone).
     "himoe-balanced": _SOURCE | dict(router="hierarchical", top_k_groups=1, top_k_experts=1,
                                      bias_update_rate=1e-3),

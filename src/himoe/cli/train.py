@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from himoe.cli.presets import PRESETS, preset_values
-from himoe.config import SHAPE_FIELDS, HiMoEConfig
+from himoe.config import SHAPE_FIELDS, HiMoEConfig, ModelConfig
 from himoe.errors import UserError
 from himoe.model.routers.registry import router_help, router_names
 
@@ -65,6 +65,18 @@ def given_settings(args: argparse.Namespace) -> dict:
 
 def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     given = given_settings(args)
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None:
+        if resume:
+            raise UserError("--init_from starts a new run from a saved model; --resume goes on "
+                            "with the run in --model_dir: pass one of them")
+        if not str(init_from).strip():
+            raise UserError("--init_from is empty; name the folder of a saved model")
+        model_dir = Path(given.get("model_dir", HiMoEConfig.model_dir))
+        if model_dir.resolve() == Path(init_from).resolve():
+            raise UserError(f"--init_from and --model_dir are both {model_dir}; the new run "
+                            "needs a folder of its own, so pass another --model_dir")
+        return branch_config(Path(init_from), given)
     if not resume:
         if "bpe_vocab_size" in given and given.get("tokenizer", "char") != "bpe":
             raise UserError("--vocab_size sets the size of a BPE vocabulary; add --tokenizer bpe "
@@ -94,6 +106,25 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     return dataclasses.replace(saved, **given).validate()
 
 
+def branch_config(source: Path, given: dict) -> HiMoEConfig:
+    """--init_from: the saved model's shape, tokenizer and routing, and this run's training
+    settings (the flags, else the defaults: a new schedule from step 0). Routing flags may
+    change the losses, as on --resume; a shape flag must agree with the saved model."""
+    from himoe.checkpoint.card import read_config
+
+    if "preset" in given:
+        raise UserError("--preset sets up a new model's shape; --init_from takes the saved "
+                        "model's, so drop --preset")
+    saved, _, _ = read_config(source)
+    for name in SHAPE_FIELDS:
+        if name in given and given[name] != getattr(saved, name):
+            raise UserError(f"--{name} {given[name]} differs from {source}'s "
+                            f"{getattr(saved, name)}; --init_from keeps the saved model's "
+                            "shape, so drop the flag")
+    model = {f.name: getattr(saved, f.name) for f in dataclasses.fields(ModelConfig)}
+    return dataclasses.replace(HiMoEConfig(), **model | given).validate()
+
+
 def cmd_train(args) -> int:
     from himoe.distributed.launch import launched
     from himoe.training.trainer import Trainer
@@ -101,8 +132,9 @@ def cmd_train(args) -> int:
     with launched(args) as parallel:  # one process, or one rank of a torchrun job
         cfg = config_from_args(args, args.resume)
         start = Trainer.resume if args.resume else Trainer.new
+        source = {"init_from": Path(args.init_from)} if args.init_from else {}
         start(cfg, skip_nonfinite=args.skip_nonfinite, train_only=args.train_only,
-              parallel=parallel, force=args.force).train()
+              parallel=parallel, force=args.force, **source).train()
     return 0
 
 
@@ -124,6 +156,11 @@ def add_parser(sub) -> None:
     add_config_flags(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint in --model_dir")
+    train.add_argument("--init_from", "--init-from", default=None, metavar="DIR",
+                       help="start a new run (step 0, a new optimiser and schedule) from the "
+                            "weights, tokenizer and shape of the model saved in DIR, on any "
+                            "corpus: continued pre-training, fine-tuning, or a branch to merge "
+                            "later (himoe merge)")
     train.add_argument("--force", action="store_true",
                        help="without --resume: replace the model already in --model_dir with "
                             "a new one (a folder of other files is never written to)")

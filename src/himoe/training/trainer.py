@@ -84,6 +84,22 @@ def resumed_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus, model_dir: 
     return Start(cfg, tokenizer, model, step, checkpoint.read_metrics(model_dir, step))
 
 
+def branched_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus, source: Path) -> Start:
+    """--init_from: the weights and tokenizer saved in `source`, trained from step 0 on this
+    run's corpus with a new optimiser and schedule. cfg must have the saved model's shape
+    (cli.train.branch_config takes it); the vocabulary comes with the tokenizer."""
+    saved, vocab, _ = checkpoint.read_config(source)
+    tokenizer = tokenizer_for(saved, vocab, source)
+    missing = unknown_chars(corpus, tokenizer)
+    if missing:
+        raise UserError(f"corpus {corpus.source} has characters the model in {source} does "
+                        f"not know: {''.join(missing)!r}; start that model from a corpus that "
+                        "has them, or use --tokenizer bpe, whose bytes cover any text")
+    cfg = dataclasses.replace(cfg, tokenizer=saved.tokenizer, vocab_size=saved.vocab_size)
+    model, _, _, _ = checkpoint.load_model(source, config=cfg.model)
+    return Start(cfg, tokenizer, model)
+
+
 @dataclass
 class Window:
     """The steps since the last evaluation: their time, losses and auxiliary losses."""
@@ -104,7 +120,8 @@ class Trainer:
 
     def __init__(self, cfg: HiMoEConfig, resume: bool = False, out=None,
                  skip_nonfinite: bool = False, train_only: str | None = None,
-                 parallel: Parallel | None = None, force: bool = False):
+                 parallel: Parallel | None = None, force: bool = False,
+                 init_from: Path | None = None):
         # parallel: this process's part in a torchrun job (himoe.distributed); only rank 0
         # prints, shows the bar and writes files.
         self.parallel = parallel = parallel or Parallel()
@@ -132,8 +149,12 @@ class Trainer:
         # force: a new model may replace the one in model_dir (never a folder of other files).
         self._lock = self._lock_model_dir(resume, force)
         try:
-            start = (resumed_start(cfg, corpus, self.model_dir) if resume
-                     else new_start(cfg, corpus))
+            if resume:
+                start = resumed_start(cfg, corpus, self.model_dir)
+            elif init_from is not None:  # a new run from a saved model's weights
+                start = branched_start(cfg, corpus, init_from)
+            else:
+                start = new_start(cfg, corpus)
             self._prepare(start, corpus, resume, train_only)
         except BaseException:
             self._lock.release()
