@@ -1,5 +1,5 @@
 """The `himoe` command line: prepare | train | generate | verify | bench | eval | analyze |
-experts | chat | export-hf | upcycle, one module each. Building the parser imports only the
+experts | chat | export-hf | upcycle | merge, one module each. Building the parser imports only the
 standard library and himoe's config, so `himoe --help` starts fast; a command imports torch
 when it runs. Bad input exits 2 with one line."""
 
@@ -16,6 +16,7 @@ from himoe.cli import (
     experts,
     export_hf,
     generate,
+    merge,
     prepare,
     train,
     upcycle,
@@ -25,7 +26,7 @@ from himoe.cli.options import Parser
 from himoe.errors import UserError
 
 COMMANDS = (prepare, train, generate, verify, bench, experts, analyze, eval, chat, export_hf,
-            upcycle)
+            upcycle, merge)
 
 
 def build_parser() -> Parser:

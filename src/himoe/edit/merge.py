@@ -1,0 +1,310 @@
+"""`himoe merge`: one hierarchical model from models trained apart (Branch-Train-MiX with a
+two-level router: level 1 picks the branch, level 2 an expert inside it).
+
+The sources share a backbone shape and tokenizer: branches of one seed, each trained on its
+own corpus with `himoe train --init_from SEED`. In the merged model:
+- embeddings, attention and LayerNorms are the sources' mean (the branches start from the
+  same weights, so their parameters still correspond);
+- the shared expert is the sources' mean too: a dense source's is the first shared_hidden
+  units of its FFN (and its output bias), as `himoe upcycle` splits it;
+- a dense source becomes one level-1 group whose experts are copies of the rest of its FFN
+  (upcycle's split; the output layer times M / k, so that uniform level-2 weights add up to
+  the branch's FFN), with optional --noise; a hierarchical source brings its groups whole
+  (experts, group routers, their level-1 rows and selection biases);
+- the level-1 rows of the dense sources' groups start as each branch's direction in the
+  hidden states that layer's router sees: with mu_s the mean of that input over source s's
+  own corpus (run through the merged model itself, layer after layer, so each router sees
+  what it will route) and mu the mean of the mu_s, the row is 2 (mu_s - mu) / tau, where
+  tau is the mean squared distance of a token to its own corpus's mean (the nearest-mean
+  rule without its per-branch constant, which the router has no bias to hold), so the
+  level-1 probabilities stay soft enough to train. `merge` prints how many of each
+  branch's own tokens this sends to its group.
+The result is an ordinary model directory at step 0 (train_state.pt a new run's), so
+`himoe train --model_dir M --resume --data_file MIX --max_iters K` fine-tunes it on the mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from himoe.checkpoint import card as checkpoint
+from himoe.checkpoint import card_layout
+from himoe.config import HiMoEConfig, ModelConfig
+from himoe.data.batches import get_batch
+from himoe.data.corpora import open_corpus, token_splits, unknown_chars
+from himoe.edit.upcycle import BACKBONE, fresh_train_state
+from himoe.errors import UserError
+from himoe.model import HiMoEModel
+from himoe.model.routers.registry import router_spec
+
+SHAPE = ("n_embd", "n_layer", "n_head", "block_size", "ffn_mult", "vocab_size", "tokenizer")
+CENTROID_BATCHES = 8  # batches of the source's corpus per layer's mean hidden state
+
+
+@dataclass
+class Source:
+    path: Path
+    cfg: HiMoEConfig
+    vocab: list[str]
+    step: int
+
+    @property
+    def dense(self) -> bool:
+        return router_spec(self.cfg.router).dense
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.dense else self.cfg.num_moes
+
+
+def read_sources(paths: list[Path]) -> list[Source]:
+    """The sources' configs, refused with one line each where they cannot be merged."""
+    if len(paths) < 2:
+        raise UserError(f"himoe merge needs two or more --from models, got {len(paths)}; "
+                        "name each branch with its own --from")
+    seen: dict[Path, Path] = {}
+    sources = []
+    for path in paths:
+        if path.resolve() in seen:
+            raise UserError(f"--from {path} is named twice (as {seen[path.resolve()]} too); "
+                            "name each branch once")
+        seen[path.resolve()] = path
+        cfg, vocab, step = checkpoint.read_config(path)
+        sources.append(Source(path, cfg, vocab, step))
+    first = sources[0]
+    for s in sources[1:]:
+        for name in SHAPE:
+            if getattr(s.cfg, name) != getattr(first.cfg, name):
+                raise UserError(f"--from {s.path} has {name} {getattr(s.cfg, name)} but "
+                                f"{first.path} has {getattr(first.cfg, name)}; merge branches "
+                                "of one seed model (himoe train --init_from SEED)")
+        if s.vocab != first.vocab or tokenizer_bytes(s) != tokenizer_bytes(first):
+            raise UserError(f"--from {s.path} has another tokenizer than {first.path}; merge "
+                            "branches of one seed model, which share its tokenizer")
+    for s in sources:
+        if not s.dense and (s.cfg.router != "hierarchical" or s.cfg.group_experts):
+            raise UserError(f"--from {s.path} is a {s.cfg.router} model"
+                            f"{' with groups of different sizes' if s.cfg.group_experts else ''};"
+                            " merge dense models or hierarchical ones with equal groups")
+    return sources
+
+
+def tokenizer_bytes(source: Source) -> bytes:
+    path = source.path / "tokenizer.json"
+    return path.read_bytes() if source.cfg.tokenizer == "bpe" and path.is_file() else b""
+
+
+def merged_config(sources: list[Source], given: dict) -> HiMoEConfig:
+    """The merged model's settings: the sources' backbone and training settings, himoe's
+    default routing (a hierarchical source's own group shape), one group per dense source
+    and every group of a hierarchical one; then the flags given."""
+    first = sources[0].cfg
+    defaults = HiMoEConfig()
+    routing = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(ModelConfig)
+               if f.name not in BACKBONE}
+    moe = next((s.cfg for s in sources if not s.dense), None)
+    if moe is not None:  # its groups come whole, so their shape rules
+        routing |= {k: getattr(moe, k) for k in ("num_experts", "top_k_experts",
+                                                 "shared_fraction", "expert_hidden")}
+    routing["num_moes"] = sum(s.groups for s in sources)
+    cfg = dataclasses.replace(first, **routing | given | {"router": "hierarchical"}).validate()
+    if cfg.top_k_groups != 1:
+        raise UserError(f"--top_k_groups {cfg.top_k_groups}: a merged model sends each token "
+                        "to one branch; drop the flag")
+    dense = next((s.cfg for s in sources if s.dense), None)
+    if dense is not None:
+        routed = dense.ffn_hidden - cfg.shared_hidden
+        if routed <= 0:
+            raise UserError(f"the dense FFN has {dense.ffn_hidden} hidden units and the shared "
+                            f"expert would take {cfg.shared_hidden}; lower --shared_fraction")
+        if moe is not None and moe.ffn_hidden != routed:
+            raise UserError(f"a dense source's FFN leaves experts {routed} wide but the "
+                            f"hierarchical source's are {moe.ffn_hidden}; merge sources of "
+                            "one kind, or upcycle the dense one with matching widths first")
+        cfg = dataclasses.replace(cfg, expert_hidden=0 if routed == cfg.ffn_hidden
+                                  else routed).validate()
+    for s in sources:
+        if not s.dense and (s.cfg.shared_hidden, s.cfg.ffn_hidden) != (cfg.shared_hidden,
+                                                                         cfg.ffn_hidden):
+            raise UserError(f"--from {s.path}'s experts and shared expert do not have the "
+                            "merged model's widths; drop the width flags")
+    return dataclasses.replace(cfg, data_file=None)
+
+
+def mean_state(states: list[dict], keys: list[str]) -> dict:
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
+            for k in keys}
+
+
+def dense_parts(state: dict, layer: int, shared: int) -> tuple[dict, dict]:
+    """(shared expert, routed part) of a dense source's FFN at `layer`, split by hidden unit
+    as `himoe upcycle` splits it; the output bias goes with the shared expert."""
+    p = f"blocks.{layer}.ffn."
+    w1_HD, b1_H, w2_DH, b2_D = (state[p + e] for e, _ in card_layout.EXPERT_ENTRIES)
+    shared_part = {"fc1.weight": w1_HD[:shared], "fc1.bias": b1_H[:shared],
+                   "fc2.weight": w2_DH[:, :shared], "fc2.bias": b2_D}
+    routed = {"fc1.weight": w1_HD[shared:], "fc1.bias": b1_H[shared:],
+              "fc2.weight": w2_DH[:, shared:],
+              "fc2.bias": torch.zeros_like(b2_D) if shared else b2_D}
+    return shared_part, routed
+
+
+def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConfig,
+                 noise: float, seed: int) -> HiMoEModel:
+    """The merged weights, with the dense groups' level-1 rows still zero (centroid_rows)."""
+    model = HiMoEModel(cfg)
+    state = model.state_dict()
+    states = [m.state_dict() for m in models]
+    backbone = [k for k in states[0] if ".ffn." not in k and ".shared_ffn." not in k]
+    state |= mean_state(states, backbone)
+    S, M = cfg.shared_hidden, cfg.num_experts
+    c = M / cfg.top_k_experts  # uniform level-2 weights sum to k / M within the group
+    gen = torch.Generator().manual_seed(seed)
+    for layer in range(cfg.n_layer):
+        shared_parts, g0 = [], 0
+        r = card_layout.moe_key(layer, "router.")
+        for s, sd in zip(sources, states):
+            if s.dense:
+                shared, routed = dense_parts(sd, layer, S)
+                routed["fc2.weight"] = routed["fc2.weight"] * c
+                routed["fc2.bias"] = routed["fc2.bias"] * c
+                for entry, name in card_layout.EXPERT_ENTRIES:
+                    t = routed[entry].t() if entry in card_layout.TRANSPOSED else routed[entry]
+                    key = card_layout.moe_key(layer, f"experts.{name}")
+                    block = t.expand(M, *t.shape)
+                    if noise:
+                        u = torch.rand(block.shape, generator=gen, dtype=t.dtype) * 2 - 1
+                        block = block * (1 + noise * u)
+                    state[key].view(cfg.num_moes, M, *t.shape)[g0] = block
+                state[r + "group_weight_NMD"][g0] = 0.0  # uniform within the branch's group
+            else:
+                shared = {k.split(".shared_ffn.", 1)[1]: v for k, v in sd.items()
+                          if k.startswith(f"blocks.{layer}.shared_ffn.")}
+                n = s.groups
+                for _, name in card_layout.EXPERT_ENTRIES:
+                    key = card_layout.moe_key(layer, f"experts.{name}")
+                    view = state[key].view(cfg.num_moes, M, *sd[key].shape[1:])
+                    view[g0:g0 + n] = sd[key].view(n, M, *sd[key].shape[1:])
+                for name in ("group_weight_NMD", "main_weight_ND", "group_bias_N"):
+                    state[r + name][g0:g0 + n] = sd[r + name]
+                state[r + "expert_bias_E"][g0 * M:(g0 + n) * M] = sd[r + "expert_bias_E"]
+            shared_parts.append(shared)
+            g0 += s.groups
+        if S:
+            for k in shared_parts[0]:
+                state[f"blocks.{layer}.shared_ffn.{k}"] = torch.stack(
+                    [p[k] for p in shared_parts]).mean(0)
+    model.load_state_dict(state)
+    return model
+
+
+def corpus_batches(corpus_spec, tokenizer, cfg: HiMoEConfig, seed: int):
+    """CENTROID_BATCHES batches of a source's corpus (its training side), as a run draws."""
+    corpus = open_corpus(corpus_spec)
+    missing = unknown_chars(corpus, tokenizer)
+    if missing:
+        raise UserError(f"corpus {corpus.source} has characters the sources' tokenizer lacks: "
+                        f"{''.join(missing)!r}; pass each branch's own corpus with --corpus")
+    train, _ = token_splits(corpus, tokenizer, cfg.block_size)
+    gen = torch.Generator().manual_seed(seed)
+    return [get_batch(train, min(cfg.batch_size, 16), cfg.block_size, gen)[0]
+            for _ in range(CENTROID_BATCHES)]
+
+
+def router_inputs(model: HiMoEModel, layer: int, batches) -> torch.Tensor:
+    """What layer `layer`'s router sees (its LayerNorm's output) over the batches: [T, D]."""
+    seen = []
+    hook = model.blocks[layer].ln2.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            for x_BT in batches:
+                model(x_BT)
+    finally:
+        hook.remove()
+    return torch.cat([h.reshape(-1, h.shape[-1]) for h in seen])
+
+
+def centroid_rows(model: HiMoEModel, groups: dict[int, list]) -> None:
+    """Set the level-1 row of each dense source's group (groups: {group: its batches}),
+    one layer after another (the module docstring's rule)."""
+    model.eval()
+    for layer in range(model.cfg.n_layer):
+        means, spread = {}, []
+        for g, batches in groups.items():
+            h_TD = router_inputs(model, layer, batches)
+            means[g] = h_TD.mean(0)
+            spread.append(((h_TD - means[g]) ** 2).sum(1).mean())
+        tau = float(torch.stack(spread).mean())
+        centre = torch.stack(list(means.values())).mean(0)
+        with torch.no_grad():
+            for g, mu in means.items():
+                model.blocks[layer].ffn.router.main_weight_ND[g] = 2 * (mu - centre) / tau
+
+
+def own_group_share(model: HiMoEModel, groups: dict[int, list]) -> list[list[float]]:
+    """Per layer, per dense source: the share of its own corpus's tokens level 1 sends to
+    its group."""
+    model.eval()
+    M = model.cfg.num_experts
+    shares = [[0.0] * len(groups) for _ in range(model.cfg.n_layer)]
+    for i, (g, batches) in enumerate(groups.items()):
+        hits = [0] * model.cfg.n_layer
+        total = 0
+        with torch.no_grad():
+            for x_BT in batches:
+                model(x_BT)
+                total += x_BT.numel()
+                for layer, moe in model.moe_layers.items():
+                    hits[layer] += int((moe.last_ids_TK[:, 0] // M == g).sum())
+        for layer in range(model.cfg.n_layer):
+            shares[layer][i] = hits[layer] / total
+    return shares
+
+
+def merge(paths: list[Path], model_dir: Path, given: dict, corpora: list[str] | None,
+          noise: float, seed: int, force: bool) -> str:
+    """Write the merged model of the sources to model_dir in one atomic save, under the
+    directory's lock; returns one line saying what was written."""
+    paths, model_dir = [Path(p) for p in paths], Path(model_dir)
+    if not math.isfinite(noise) or noise < 0:
+        raise UserError(f"--noise must be a finite number >= 0, got {noise}; e.g. 0.01")
+    checkpoint.check_model_dir_flag(str(model_dir))
+    for path in paths:
+        if model_dir.exists() and model_dir.resolve() == path.resolve():
+            raise UserError(f"--model_dir {model_dir} is one of the --from models; write the "
+                            "merged model to a new directory")
+    sources = read_sources(paths)
+    if corpora is not None and len(corpora) != len(sources):
+        raise UserError(f"--corpus was given {len(corpora)} times for {len(sources)} --from "
+                        "models; give one per --from, in the same order, or none")
+    cfg = merged_config(sources, given)
+    checkpoint.check_model_dir_writable(model_dir)
+    with checkpoint.new_model_dir_lock(model_dir, force):
+        models = [checkpoint.load_model(s.path)[0] for s in sources]
+        tokenizer = checkpoint.load_tokenizer(sources[0].path)
+        model = merged_model(sources, models, cfg, noise, seed)
+        groups, g0 = {}, 0
+        for i, s in enumerate(sources):
+            if s.dense:
+                spec = corpora[i] if corpora is not None else s.cfg.data_file
+                groups[g0] = corpus_batches(spec, tokenizer, cfg, seed)
+            g0 += s.groups
+        if len(groups) >= 2:  # one dense group alone has no direction to tell apart
+            centroid_rows(model, groups)
+        shares = own_group_share(model, groups) if groups else []
+        checkpoint.save_model(model, sources[0].vocab, 0, model_dir, config=cfg, extra={
+            checkpoint.TRAIN_STATE_FILE: fresh_train_state(model, cfg, None),
+            checkpoint.METRICS_FILE: "", **tokenizer.files()})
+    total, active = model.parameter_counts()
+    routed = "; level 1 sends each dense branch's own tokens to its group: " + ", ".join(
+        f"layer {layer + 1} " + " / ".join(f"{x:.0%}" for x in row)
+        for layer, row in enumerate(shares)) if shares else ""
+    return (f"merged {len(sources)} models into {model_dir}: {cfg.n_layer} layer(s) of "
+            f"{cfg.num_moes} groups x {cfg.num_experts} experts, {total / 1e6:.2f}M parameters, "
+            f"{active / 1e6:.2f}M active{routed}. Step 0: fine-tune with `himoe train "
+            f"--model_dir {model_dir} --resume --data_file MIX --max_iters K`")

@@ -1,0 +1,154 @@
+"""`himoe merge`: branches of one seed joined as the level-1 groups of one model."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from himoe.checkpoint import atomic_dir, card_layout
+from himoe.checkpoint import card as checkpoint
+from himoe.edit.merge import dense_parts
+from himoe.training.trainer import Trainer
+from tests.cli.test_bad_input import assert_one_line_error, himoe
+from tests.conftest import tiny_config
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .\n"
+# Two domains over one alphabet: the first mostly the first half, the second the second.
+DOMAIN_A = ALPHABET + "abc def ghij klm abba cab fig jam.\n" * 30
+DOMAIN_B = ALPHABET + "nop qrs tuvw xyz onus rust zoo vox.\n" * 30
+SMALL = dict(n_embd=16, block_size=16, batch_size=4, eval_iters=1, sample_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def branches(tmp_path_factory):
+    """A dense seed trained on both domains, and a branch of it on each."""
+    root = tmp_path_factory.mktemp("merge")
+    for name, text in (("a.txt", DOMAIN_A), ("b.txt", DOMAIN_B), ("mix.txt",
+                                                                  DOMAIN_A + DOMAIN_B)):
+        (root / name).write_text(text)
+    seed = tiny_config(**SMALL, router="dense", max_iters=6, eval_interval=6,
+                       data_file=str(root / "mix.txt"), model_dir=str(root / "seed"))
+    Trainer(seed, out=io.StringIO()).train()
+    for name in ("a", "b"):
+        cfg = tiny_config(**SMALL, router="dense", max_iters=20, eval_interval=20, lr=3e-3,
+                          data_file=str(root / f"{name}.txt"), model_dir=str(root / name))
+        Trainer(cfg, out=io.StringIO(), init_from=root / "seed").train()
+    return root
+
+
+def merge_cli(root, capsys, *extra, out="m"):
+    return himoe(["merge", "--from", root / "a", "--from", root / "b", "--model_dir",
+                  root / out, *extra], capsys)
+
+
+def test_merged_weights_are_the_branches_parts(branches, capsys):
+    code, out, err = merge_cli(branches, capsys, "--num_experts", "4", "--force")
+    assert code == 0, err
+    assert "level 1 sends each dense branch's own tokens to its group" in out
+    merged, cfg, _, step = checkpoint.load_model(branches / "m")
+    a, cfg_a, _, _ = checkpoint.load_model(branches / "a")
+    b, _, _, _ = checkpoint.load_model(branches / "b")
+    assert step == 0 and cfg.num_moes == 2 and cfg.num_experts == 4
+    ms, sa, sb = merged.state_dict(), a.state_dict(), b.state_dict()
+    for key in ("tok_emb.weight", "blocks.0.attn.c_attn.weight", "blocks.1.ln2.bias"):
+        if key in ms:
+            torch.testing.assert_close(ms[key], (sa[key] + sb[key]) / 2)
+    S, M, k = cfg.shared_hidden, cfg.num_experts, cfg.top_k_experts
+    for layer in range(cfg.n_layer):
+        shared_a, routed_a = dense_parts(sa, layer, S)
+        shared_b, routed_b = dense_parts(sb, layer, S)
+        torch.testing.assert_close(ms[f"blocks.{layer}.shared_ffn.fc1.weight"],
+                                   (shared_a["fc1.weight"] + shared_b["fc1.weight"]) / 2)
+        w2 = ms[card_layout.moe_key(layer, "experts.w2_EFD")].view(2, M, -1, cfg.n_embd)
+        for g, routed in ((0, routed_a), (1, routed_b)):
+            for j in range(M):  # every expert a copy, scaled so uniform level 2 sums to 1
+                torch.testing.assert_close(w2[g, j], routed["fc2.weight"].t() * M / k)
+
+
+def test_level_1_starts_by_domain(branches, capsys):
+    code, out, err = merge_cli(branches, capsys, "--force")
+    assert code == 0, err
+    shares = [float(x.rstrip("%,")) for x in out.split("to its group: ")[1].split(".")[0]
+              .replace("layer 1 ", "").replace("layer 2 ", "").replace("/", " ").split()]
+    assert len(shares) == 4 and all(s > 50 for s in shares), out  # better than a coin
+
+
+def test_the_merged_model_verifies_resumes_and_generates(branches, capsys):
+    code, _, err = merge_cli(branches, capsys, "--force", out="m2")
+    assert code == 0, err
+    for argv in (["verify", "--model_dir", branches / "m2"],
+                 ["train", "--model_dir", branches / "m2", "--resume", "--data_file",
+                  branches / "mix.txt", "--max_iters", "3", "--eval_interval", "3"],
+                 ["generate", "--model_dir", branches / "m2", "--max_new_tokens", "8"],
+                 ["experts", "list", "--model_dir", branches / "m2"]):
+        code, _, err = himoe(argv, capsys)
+        assert code == 0, (argv[0], err)
+    assert checkpoint.read_config(branches / "m2")[2] == 3
+
+
+def test_a_merge_into_a_directory_another_writer_holds_is_refused(branches, tmp_path):
+    """A merge takes the directory's writer lock, as training does: while another process
+    writes there, it stops with one line and writes nothing."""
+    lock = atomic_dir.WriterLock(tmp_path / "busy", create=True)
+    lock.acquire()
+    try:
+        r = subprocess.run([sys.executable, "-m", "himoe", "merge", "--from", branches / "a",
+                            "--from", branches / "b", "--model_dir", tmp_path / "busy"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        lock.release()
+    assert r.returncode == 2 and "is in use" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "busy" / "config.json").exists()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("one", "needs two or more --from models"),
+    ("twice", "is named twice"),
+    ("shape", "has n_embd 32 but"),
+    ("not a model", "not_a_model"),
+    ("model there", "already holds"),
+    ("corpus count", "--corpus was given 1 times"),
+])
+def test_bad_merges_are_one_line(branches, tmp_path, capsys, case, needle):
+    if case == "shape":
+        cfg = tiny_config(**(SMALL | {"n_embd": 32}), router="dense", max_iters=1,
+                          eval_interval=1, data_file=str(branches / "a.txt"),
+                          model_dir=str(tmp_path / "wide"))
+        Trainer(cfg, out=io.StringIO()).train()
+        capsys.readouterr()  # its progress bar
+    (tmp_path / "not_a_model").mkdir()
+    argv = {"one": ["--from", branches / "a"],
+            "twice": ["--from", branches / "a", "--from", branches / "a"],
+            "shape": ["--from", branches / "a", "--from", tmp_path / "wide"],
+            "not a model": ["--from", branches / "a", "--from", tmp_path / "not_a_model"],
+            "model there": ["--from", branches / "a", "--from", branches / "b"],
+            "corpus count": ["--from", branches / "a", "--from", branches / "b", "--corpus",
+                             branches / "a.txt"]}[case]
+    target = branches / "seed" if case == "model there" else tmp_path / "out"
+    code, _, err = himoe(["merge", *argv, "--model_dir", target], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hierarchical_sources_bring_their_groups_whole(branches, tmp_path, capsys):
+    for name in ("ha", "hb"):
+        cfg = tiny_config(**SMALL, num_moes=2, num_experts=2, max_iters=2, eval_interval=2,
+                          data_file=str(branches / f"{name[1]}.txt"),
+                          model_dir=str(tmp_path / name))
+        Trainer(cfg, out=io.StringIO()).train()
+    capsys.readouterr()
+    code, _, err = himoe(["merge", "--from", tmp_path / "ha", "--from", tmp_path / "hb",
+                          "--model_dir", tmp_path / "m"], capsys)
+    assert code == 0, err
+    merged, cfg, _, _ = checkpoint.load_model(tmp_path / "m")
+    hb, _, _, _ = checkpoint.load_model(tmp_path / "hb")
+    assert cfg.num_moes == 4 and cfg.num_experts == 2
+    ms, sb = merged.state_dict(), hb.state_dict()
+    for layer in range(cfg.n_layer):
+        r = card_layout.moe_key(layer, "router.")
+        assert torch.equal(ms[r + "main_weight_ND"][2:], sb[r + "main_weight_ND"])
+        assert torch.equal(ms[r + "group_weight_NMD"][2:], sb[r + "group_weight_NMD"])
+        w1 = card_layout.moe_key(layer, "experts.w1_EDF")
+        assert torch.equal(ms[w1][4:], sb[w1])  # hb's 2 groups x 2 experts, after ha's
