@@ -9,7 +9,7 @@ import torch
 
 from himoe.checkpoint import atomic_dir, card_layout
 from himoe.checkpoint import card as checkpoint
-from himoe.edit.merge import dense_parts
+from himoe.edit.upcycle import dense_parts
 from himoe.training.trainer import Trainer
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
@@ -152,3 +152,57 @@ def test_hierarchical_sources_bring_their_groups_whole(branches, tmp_path, capsy
         assert torch.equal(ms[r + "group_weight_NMD"][2:], sb[r + "group_weight_NMD"])
         w1 = card_layout.moe_key(layer, "experts.w1_EDF")
         assert torch.equal(ms[w1][4:], sb[w1])  # hb's 2 groups x 2 experts, after ha's
+
+
+def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsys):
+    code, _, err = merge_cli(branches, capsys, "--force", out="m3")
+    assert code == 0, err
+    m = branches / "m3"
+    code, _, err = himoe(["train", "--model_dir", m, "--resume", "--data_file",
+                          branches / "mix.txt", "--max_iters", "2", "--eval_interval", "2"],
+                         capsys)
+    assert code == 0, err
+    before = {p.relative_to(m): p.read_bytes() for p in m.rglob("*.pt")}
+    old_state = torch.load(m / "train_state.pt", weights_only=True)
+    # A third domain: a branch of the same seed on the first domain's text again.
+    cfg = tiny_config(**SMALL, router="dense", max_iters=4, eval_interval=4,
+                      data_file=str(branches / "a.txt"), model_dir=str(tmp_path / "c"))
+    Trainer(cfg, out=io.StringIO(), init_from=branches / "seed").train()
+    capsys.readouterr()
+    code, out, err = himoe(["merge", "--into", m, "--from", tmp_path / "c", "--corpus",
+                            branches / "mix.txt", "--corpus", branches / "a.txt"], capsys)
+    assert code == 0, err
+    _, cfg_m, _, step = checkpoint.load_model(m)
+    assert cfg_m.num_moes == 3 and step == 2
+    after = {p.relative_to(m): p.read_bytes() for p in m.rglob("*.pt")}
+    changed = {str(rel) for rel in before if after[rel] != before[rel]}
+    # Only each layer's level-1 router and the training state change; the rest is bytes.
+    assert changed == {"train_state.pt", "layer_01_main_router.pt", "layer_02_main_router.pt"}
+    assert {str(r) for r in set(after) - set(before)} == {
+        f"layer_{i:02d}_moe_expert_003/{f}" for i in (1, 2)
+        for f in ["router.pt"] + [f"model_{j:03d}.pt" for j in range(1, cfg_m.num_experts + 1)]}
+    new_state = torch.load(m / "train_state.pt", weights_only=True)
+    assert new_state["step"] == old_state["step"]
+    grown = 0
+    for i, slot in old_state["optimizer"]["state"].items():  # old moments kept, new ones 0
+        for k in ("exp_avg", "exp_avg_sq"):
+            v, w = slot[k], new_state["optimizer"]["state"][i][k]
+            assert torch.equal(w[:v.shape[0]], v), (i, k)  # the new groups come last
+            assert not w[v.shape[0]:].any()
+            grown += w.shape[0] > v.shape[0]
+    assert grown  # the stacked experts, group routers and level-1 rows grew
+    code, _, err = himoe(["train", "--model_dir", m, "--resume", "--data_file",
+                          branches / "mix.txt", "--max_iters", "4", "--eval_interval", "2"],
+                         capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (lambda b: ["--into", b / "seed", "--from", b / "a"], "is a dense model"),
+    (lambda b: ["--into", b / "a", "--from", b / "a"], "is --from itself"),
+    (lambda b: ["--into", b / "m", "--from", b / "a", "--from", b / "b"], "exactly one --from"),
+    (lambda b: ["--from", b / "a", "--from", b / "b"], "needs --model_dir"),
+])
+def test_bad_into_is_one_line(branches, capsys, argv, needle):
+    code, _, err = himoe(["merge", *argv(branches)], capsys)
+    assert_one_line_error(code, err, needle)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from himoe.cli.options import add_model_dir, seed_flag
+from himoe.cli.options import seed_flag
 from himoe.cli.train import add_config_flags, given_settings
 from himoe.cli.upcycle import FLAGS
 
@@ -21,10 +21,22 @@ DESCRIPTION = (
 
 
 def cmd_merge(args) -> int:
-    from himoe.edit.merge import merge
+    from himoe.edit.merge import merge, merge_into
+    from himoe.errors import UserError
 
-    print(merge([Path(p) for p in args.from_dirs], Path(args.model_dir), given_settings(args),
-                args.corpus, args.noise, args.seed, args.force))
+    if args.into is None:
+        if args.model_dir is None:
+            raise UserError("himoe merge needs --model_dir for the merged model (or --into M "
+                            "to add one branch to a merged model)")
+        print(merge([Path(p) for p in args.from_dirs], Path(args.model_dir),
+                    given_settings(args), args.corpus, args.noise, args.seed, args.force))
+        return 0
+    given = set(given_settings(args)) - {"seed", "model_dir"}
+    if len(args.from_dirs) != 1 or args.model_dir is not None or given or args.force:
+        raise UserError("--into M adds one --from branch to M in place: give exactly one "
+                        "--from and no --model_dir, --force or routing flags")
+    print(merge_into(Path(args.into), Path(args.from_dirs[0]), args.corpus, args.noise,
+                     args.seed))
     return 0
 
 
@@ -33,11 +45,14 @@ def add_parser(sub) -> None:
                                      "hierarchical model", description=DESCRIPTION)
     p.add_argument("--from", dest="from_dirs", action="append", required=True, metavar="DIR",
                    help="a source model (give two or more, each once)")
-    add_model_dir(p, required=True, help="where the merged model goes (new or empty, or "
-                                         "--force)")
+    p.add_argument("--model_dir", "--model-dir", default=None,
+                   help="where the merged model goes (new or empty, or --force)")
+    p.add_argument("--into", default=None, metavar="M",
+                   help="instead of --model_dir: add the one --from model as new level-1 "
+                        "group(s) of the merged model M, every other file byte for byte")
     p.add_argument("--corpus", action="append", default=None, metavar="DATA",
-                   help="the corpus of each --from, in the same order (default: the one each "
-                        "was trained on, from its config.json)")
+                   help="the corpus of each --from, in the same order (with --into: M's, then "
+                        "the branch's); default: the one each was trained on (config.json)")
     add_config_flags(p, only=tuple(f for f in FLAGS if f not in ("router", "num_moes",
                                                                  "top_k_groups")))
     p.add_argument("--noise", type=float, default=0.0,

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from himoe.checkpoint import card as checkpoint
-from himoe.checkpoint import card_layout
+from himoe.checkpoint import card_layout, safe_path
 from himoe.config import HiMoEConfig, ModelConfig
 from himoe.data.batches import get_batch
 from himoe.data.corpora import open_corpus, token_splits, unknown_chars
-from himoe.edit.upcycle import BACKBONE, fresh_train_state
+from himoe.edit.upcycle import BACKBONE, dense_parts, expert_copies, fresh_train_state
 from himoe.errors import UserError
 from himoe.model import HiMoEModel
 from himoe.model.routers.registry import router_spec
@@ -141,17 +141,35 @@ def mean_state(states: list[dict], keys: list[str]) -> dict:
             for k in keys}
 
 
-def dense_parts(state: dict, layer: int, shared: int) -> tuple[dict, dict]:
-    """(shared expert, routed part) of a dense source's FFN at `layer`, split by hidden unit
-    as `himoe upcycle` splits it; the output bias goes with the shared expert."""
-    p = f"blocks.{layer}.ffn."
-    w1_HD, b1_H, w2_DH, b2_D = (state[p + e] for e, _ in card_layout.EXPERT_ENTRIES)
-    shared_part = {"fc1.weight": w1_HD[:shared], "fc1.bias": b1_H[:shared],
-                   "fc2.weight": w2_DH[:, :shared], "fc2.bias": b2_D}
-    routed = {"fc1.weight": w1_HD[shared:], "fc1.bias": b1_H[shared:],
-              "fc2.weight": w2_DH[:, shared:],
-              "fc2.bias": torch.zeros_like(b2_D) if shared else b2_D}
-    return shared_part, routed
+def place_groups(state: dict, cfg: HiMoEConfig, source: Source, sd: dict, g0: int,
+                 noise: float, gen: torch.Generator) -> list[dict]:
+    """Write `source`'s groups into the merged state from group g0 on (the module
+    docstring's rules); returns its shared expert per layer. A dense source's level-1 row
+    is left for centroid_rows."""
+    S, M = cfg.shared_hidden, cfg.num_experts
+    c = M / cfg.top_k_experts  # uniform level-2 weights sum to k / M within the group
+    shared_parts = []
+    for layer in range(cfg.n_layer):
+        r = card_layout.moe_key(layer, "router.")
+        if source.dense:
+            shared, routed = dense_parts(sd, layer, S)
+            for name, block in expert_copies(routed, c, M, noise, gen).items():
+                key = card_layout.moe_key(layer, f"experts.{name}")
+                state[key].view(cfg.num_moes, M, *block.shape[1:])[g0] = block
+            state[r + "group_weight_NMD"][g0] = 0.0  # uniform within the branch's group
+        else:
+            shared = {k.split(".shared_ffn.", 1)[1]: v for k, v in sd.items()
+                      if k.startswith(f"blocks.{layer}.shared_ffn.")}
+            n = source.groups
+            for _, name in card_layout.EXPERT_ENTRIES:
+                key = card_layout.moe_key(layer, f"experts.{name}")
+                view = state[key].view(cfg.num_moes, M, *sd[key].shape[1:])
+                view[g0:g0 + n] = sd[key].view(n, M, *sd[key].shape[1:])
+            for name in ("group_weight_NMD", "main_weight_ND", "group_bias_N"):
+                state[r + name][g0:g0 + n] = sd[r + name]
+            state[r + "expert_bias_E"][g0 * M:(g0 + n) * M] = sd[r + "expert_bias_E"]
+        shared_parts.append(shared)
+    return shared_parts
 
 
 def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConfig,
@@ -162,43 +180,16 @@ def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConf
     states = [m.state_dict() for m in models]
     backbone = [k for k in states[0] if ".ffn." not in k and ".shared_ffn." not in k]
     state |= mean_state(states, backbone)
-    S, M = cfg.shared_hidden, cfg.num_experts
-    c = M / cfg.top_k_experts  # uniform level-2 weights sum to k / M within the group
     gen = torch.Generator().manual_seed(seed)
-    for layer in range(cfg.n_layer):
-        shared_parts, g0 = [], 0
-        r = card_layout.moe_key(layer, "router.")
-        for s, sd in zip(sources, states):
-            if s.dense:
-                shared, routed = dense_parts(sd, layer, S)
-                routed["fc2.weight"] = routed["fc2.weight"] * c
-                routed["fc2.bias"] = routed["fc2.bias"] * c
-                for entry, name in card_layout.EXPERT_ENTRIES:
-                    t = routed[entry].t() if entry in card_layout.TRANSPOSED else routed[entry]
-                    key = card_layout.moe_key(layer, f"experts.{name}")
-                    block = t.expand(M, *t.shape)
-                    if noise:
-                        u = torch.rand(block.shape, generator=gen, dtype=t.dtype) * 2 - 1
-                        block = block * (1 + noise * u)
-                    state[key].view(cfg.num_moes, M, *t.shape)[g0] = block
-                state[r + "group_weight_NMD"][g0] = 0.0  # uniform within the branch's group
-            else:
-                shared = {k.split(".shared_ffn.", 1)[1]: v for k, v in sd.items()
-                          if k.startswith(f"blocks.{layer}.shared_ffn.")}
-                n = s.groups
-                for _, name in card_layout.EXPERT_ENTRIES:
-                    key = card_layout.moe_key(layer, f"experts.{name}")
-                    view = state[key].view(cfg.num_moes, M, *sd[key].shape[1:])
-                    view[g0:g0 + n] = sd[key].view(n, M, *sd[key].shape[1:])
-                for name in ("group_weight_NMD", "main_weight_ND", "group_bias_N"):
-                    state[r + name][g0:g0 + n] = sd[r + name]
-                state[r + "expert_bias_E"][g0 * M:(g0 + n) * M] = sd[r + "expert_bias_E"]
-            shared_parts.append(shared)
-            g0 += s.groups
-        if S:
-            for k in shared_parts[0]:
+    shared, g0 = [], 0
+    for s, sd in zip(sources, states):
+        shared.append(place_groups(state, cfg, s, sd, g0, noise, gen))
+        g0 += s.groups
+    if cfg.shared_hidden:
+        for layer in range(cfg.n_layer):
+            for k in shared[0][layer]:
                 state[f"blocks.{layer}.shared_ffn.{k}"] = torch.stack(
-                    [p[k] for p in shared_parts]).mean(0)
+                    [parts[layer][k] for parts in shared]).mean(0)
     model.load_state_dict(state)
     return model
 
@@ -229,18 +220,20 @@ def router_inputs(model: HiMoEModel, layer: int, batches) -> torch.Tensor:
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in seen])
 
 
-def centroid_rows(model: HiMoEModel, groups: dict[int, list]) -> None:
+def centroid_rows(model: HiMoEModel, groups: dict[int, list], others: list | None = None):
     """Set the level-1 row of each dense source's group (groups: {group: its batches}),
-    one layer after another (the module docstring's rule)."""
+    one layer after another (the module docstring's rule). others: batches of the corpus
+    the model's other groups know (merge --into), whose mean joins the centre."""
     model.eval()
     for layer in range(model.cfg.n_layer):
         means, spread = {}, []
-        for g, batches in groups.items():
+        for g, batches in [*groups.items(), *([(None, others)] if others else [])]:
             h_TD = router_inputs(model, layer, batches)
             means[g] = h_TD.mean(0)
             spread.append(((h_TD - means[g]) ** 2).sum(1).mean())
         tau = float(torch.stack(spread).mean())
         centre = torch.stack(list(means.values())).mean(0)
+        means.pop(None, None)
         with torch.no_grad():
             for g, mu in means.items():
                 model.blocks[layer].ffn.router.main_weight_ND[g] = 2 * (mu - centre) / tau
@@ -308,3 +301,75 @@ def merge(paths: list[Path], model_dir: Path, given: dict, corpora: list[str] | 
             f"{cfg.num_moes} groups x {cfg.num_experts} experts, {total / 1e6:.2f}M parameters, "
             f"{active / 1e6:.2f}M active{routed}. Step 0: fine-tune with `himoe train "
             f"--model_dir {model_dir} --resume --data_file MIX --max_iters K`")
+
+
+def merge_into(model_dir: Path, source_dir: Path, corpora: list[str] | None, noise: float,
+               seed: int) -> str:
+    """Add the model in source_dir as new level-1 group(s) of the hierarchical model in
+    model_dir. Written: the new groups' files, each layer's widened level-1 router,
+    config.json and train_state.pt (the old parts' AdamW moments kept, zeros for the new);
+    every other file byte for byte, in one atomic save (surgery.rewrite)."""
+    model_dir, source_dir = Path(model_dir), Path(source_dir)
+    if not math.isfinite(noise) or noise < 0:
+        raise UserError(f"--noise must be a finite number >= 0, got {noise}; e.g. 0.01")
+    if model_dir.resolve() == source_dir.resolve():
+        raise UserError(f"--into {model_dir} is --from itself; add another model")
+    target, source = read_sources([model_dir, source_dir])
+    old = target.cfg
+    if target.dense:
+        raise UserError(f"--into {model_dir} is a dense model; merge it with --from "
+                        "into a new --model_dir first, then add branches with --into")
+    if corpora is not None and len(corpora) != 2:
+        raise UserError(f"--corpus was given {len(corpora)} times; with --into give two, the "
+                        "model's corpus then the new branch's, or none")
+    new = dataclasses.replace(old, num_moes=old.num_moes + source.groups).validate()
+    if source.dense and source.cfg.ffn_hidden - new.shared_hidden != new.ffn_hidden:
+        raise UserError(f"--from {source_dir}'s FFN leaves experts "
+                        f"{source.cfg.ffn_hidden - new.shared_hidden} wide but {model_dir}'s "
+                        f"are {new.ffn_hidden}; add branches of the model's own seed")
+    if not source.dense and (source.cfg.num_experts, source.cfg.ffn_hidden) != (
+            new.num_experts, new.ffn_hidden):
+        raise UserError(f"--from {source_dir}'s groups are {source.cfg.num_experts} experts "
+                        f"{source.cfg.ffn_hidden} wide, {model_dir}'s "
+                        f"{new.num_experts} x {new.ffn_hidden}; add a branch of the same shape")
+    from himoe.edit.slots import moved_train_state
+    from himoe.edit.surgery import current_manifest, rewrite, torch_writer
+
+    current_manifest(model_dir)  # refuse a damaged directory before any work
+    base, _, vocab, step = checkpoint.load_model(model_dir)
+    branch = checkpoint.load_model(source_dir)[0]
+    model = HiMoEModel(new)
+    state = model.state_dict()
+    state |= {k: v for k, v in base.state_dict().items() if ".ffn." not in k}
+    gen = torch.Generator().manual_seed(seed)
+    place_groups(state, new, target, base.state_dict(), 0, 0.0, gen)
+    place_groups(state, new, source, branch.state_dict(), old.num_moes, noise, gen)
+    model.load_state_dict(state)
+    tokenizer = checkpoint.load_tokenizer(model_dir)
+    specs = corpora or [old.data_file, source.cfg.data_file]
+    shares = ""
+    if source.dense:
+        groups = {old.num_moes: corpus_batches(specs[1], tokenizer, new, seed)}
+        centroid_rows(model, groups, others=corpus_batches(specs[0], tokenizer, new, seed))
+        shares = "; level 1 sends the branch's own tokens to its group: " + ", ".join(
+            f"layer {layer + 1} {row[0]:.0%}"
+            for layer, row in enumerate(own_group_share(model, groups)))
+    files = checkpoint.to_files(model)
+    rels = [card_layout.main_router_file(new, layer) for layer in range(new.n_layer)]
+    rels += [rel for rel in files for layer in range(new.n_layer)
+             for g in range(old.num_moes, new.num_moes)
+             if rel.startswith(card_layout.group_dir(new, layer, g) + "/")]
+    writers = {rel: torch_writer(files[rel]) for rel in rels}
+    writers[checkpoint.CONFIG_FILE] = lambda f: f.write(checkpoint.config_bytes(new, vocab,
+                                                                                step))
+    if safe_path.lstat(model_dir, checkpoint.TRAIN_STATE_FILE) is not None:
+        train_state = checkpoint.load_weight_file(model_dir, checkpoint.TRAIN_STATE_FILE,
+                                                  plain=False)
+        n = old.num_experts
+        writers[checkpoint.TRAIN_STATE_FILE] = torch_writer(moved_train_state(
+            train_state, old, new, lambda layer, g: list(range(n)) if g < old.num_moes
+            else [None] * n))
+    rewrite(model_dir, writers)
+    return (f"added {source_dir} to {model_dir} as group(s) {old.num_moes + 1}-"
+            f"{new.num_moes} of every layer{shares}; every other file is as it was. Continue "
+            f"with `himoe train --model_dir {model_dir} --resume --max_iters K`")

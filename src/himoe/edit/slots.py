@@ -64,13 +64,22 @@ def moved_train_state(state: dict, old: HiMoEConfig, new: HiMoEConfig,
         key = order[index]
         layer = card_layout.slot_layer(old, key)
         if layer is None:
-            moved[index] = slot_state
+            moved[index] = {k: grown_over_groups(v, key, new) if isinstance(v, torch.Tensor)
+                            else v for k, v in slot_state.items()}
             continue
         shape = tuple(model.get_parameter(key).shape)
         moved[index] = {k: move_slots(v, key, old, new, layer, sources)
                         if isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
                         for k, v in slot_state.items()}
     return state | {"optimizer": state["optimizer"] | {"state": moved}}
+
+
+def grown_over_groups(t: torch.Tensor, key: str, new: HiMoEConfig) -> torch.Tensor:
+    """A level-1 router tensor stacked over the groups (main_weight_ND: [N, ...]) with zero
+    rows for the groups `merge --into` adds; any other tensor as it is."""
+    if not key.endswith(".router.main_weight_ND") or t.dim() == 0 or t.shape[0] == new.num_moes:
+        return t
+    return torch.cat([t, t.new_zeros(new.num_moes - t.shape[0], *t.shape[1:])])
 
 
 def group_router(model_dir: Path, cfg: HiMoEConfig, layer: int, group: int) -> dict:

@@ -93,6 +93,38 @@ def step0_weight(cfg: HiMoEConfig) -> float:
         return float(router(torch.zeros(1, cfg.n_embd)).weights_TK.sum())
 
 
+def dense_parts(state: dict, layer: int, shared: int) -> tuple[dict, dict]:
+    """(shared expert, routed part) of a dense model's FFN at `layer`, as expert-file
+    entries, split by hidden unit: the shared expert its first `shared` units and the output
+    bias, the routed part the other units (and the output bias when there is no shared
+    expert)."""
+    p = f"blocks.{layer}.ffn."
+    w1_HD, b1_H, w2_DH, b2_D = (state[p + e] for e, _ in card_layout.EXPERT_ENTRIES)
+    shared_part = {"fc1.weight": w1_HD[:shared], "fc1.bias": b1_H[:shared],
+                   "fc2.weight": w2_DH[:, :shared], "fc2.bias": b2_D}
+    routed = {"fc1.weight": w1_HD[shared:], "fc1.bias": b1_H[shared:],
+              "fc2.weight": w2_DH[:, shared:],
+              "fc2.bias": torch.zeros_like(b2_D) if shared else b2_D}
+    return shared_part, routed
+
+
+def expert_copies(routed: dict, scale: float, n: int, noise: float,
+                  gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """n copies of the routed part as stacked bank tensors ({w1_EDF: ..., ...}), the output
+    layer times `scale`, each element times (1 + noise * u), u uniform in [-1, 1]."""
+    scaled = routed | {"fc2.weight": routed["fc2.weight"] * scale,
+                       "fc2.bias": routed["fc2.bias"] * scale}
+    copies = {}
+    for entry, name in card_layout.EXPERT_ENTRIES:
+        t = scaled[entry].t() if entry in card_layout.TRANSPOSED else scaled[entry]
+        stacked = t.expand(n, *t.shape)
+        if noise:
+            u = torch.rand(stacked.shape, generator=gen, dtype=t.dtype) * 2 - 1
+            stacked = stacked * (1 + noise * u)
+        copies[name] = stacked.clone()
+    return copies
+
+
 def upcycled_model(dense: HiMoEModel, cfg: HiMoEConfig, noise: float,
                    seed: int) -> HiMoEModel:
     """The MoE built from `dense` as the module docstring says."""
@@ -103,22 +135,11 @@ def upcycled_model(dense: HiMoEModel, cfg: HiMoEConfig, noise: float,
     S, E = cfg.shared_hidden, cfg.total_experts
     gen = torch.Generator().manual_seed(seed)
     for layer, moe in model.moe_layers.items():
-        ffn = {k.split(".ffn.", 1)[1]: v for k, v in dense_state.items()
-               if k.startswith(f"blocks.{layer}.ffn.")}
-        w1_HD, b1_H, w2_DH, b2_D = (ffn[entry] for entry, _ in card_layout.EXPERT_ENTRIES)
+        shared, routed = dense_parts(dense_state, layer, S)
         if S:
-            shared = {"fc1.weight": w1_HD[:S], "fc1.bias": b1_H[:S], "fc2.weight": w2_DH[:, :S],
-                      "fc2.bias": b2_D}
             state.update({f"blocks.{layer}.shared_ffn.{k}": v for k, v in shared.items()})
-        routed = {"fc1.weight": w1_HD[S:], "fc1.bias": b1_H[S:], "fc2.weight": w2_DH[:, S:] * c,
-                  "fc2.bias": b2_D * c if not S else torch.zeros_like(b2_D)}
-        for entry, name in card_layout.EXPERT_ENTRIES:
-            t = routed[entry].t() if entry in card_layout.TRANSPOSED else routed[entry]
-            stacked = t.expand(E, *t.shape)
-            if noise:
-                u = torch.rand(stacked.shape, generator=gen, dtype=t.dtype) * 2 - 1
-                stacked = stacked * (1 + noise * u)
-            state[card_layout.moe_key(layer, f"experts.{name}")] = stacked.clone()
+        for name, stacked in expert_copies(routed, c, E, noise, gen).items():
+            state[card_layout.moe_key(layer, f"experts.{name}")] = stacked
         zero_gates(moe.router, cfg)  # state holds the parameters themselves
     model.load_state_dict(state)
     return model
