@@ -40,7 +40,7 @@ CHILD = ("import resource, sys\nfrom himoe.cli import main\nrc = main(sys.argv[1
 
 def generate_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
     """JSON lines of Hamlet's lines in a seeded random order, ~megabytes in all."""
-    from himoe.data.documents import default_corpus_path
+    from himoe.data.corpus_files import default_corpus_path
 
     lines = default_corpus_path().read_text(encoding="utf-8").splitlines(keepends=True)
     rng = random.Random(seed)

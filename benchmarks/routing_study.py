@@ -46,7 +46,7 @@ def corpus_file(tmp: Path, smoke: bool) -> tuple[Path, str]:
         path.write_text("\n\n".join(f.read_text(encoding="utf-8") for f in files),
                         encoding="utf-8")
         return path, f"{len(files)} Shakespeare texts from {plays}"
-    from himoe.data.documents import default_corpus_path
+    from himoe.data.corpus_files import default_corpus_path
 
     return default_corpus_path(), "Hamlet (the shipped corpus)"
 

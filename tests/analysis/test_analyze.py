@@ -9,7 +9,7 @@ import torch
 from himoe.analysis.domains import STAGE, nmi, play_domains, route_counts, top_tokens, windows
 from himoe.checkpoint.card import load_model
 from himoe.checkpoint.verify import verify
-from himoe.data.documents import default_corpus_path
+from himoe.data.corpus_files import default_corpus_path
 from himoe.training.trainer import Trainer
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.edit.test_experts import small_config

@@ -20,7 +20,7 @@ import torch
 
 from himoe.checkpoint import card as checkpoint
 from himoe.cli import main
-from himoe.data import documents
+from himoe.data import corpus_files
 from himoe.training.trainer import Trainer
 from tests.conftest import tiny_config
 
@@ -205,7 +205,7 @@ def special_file(kind):
 
 
 def corpus_over_the_limit(w, mp):
-    mp.setattr(documents, "MAX_CORPUS_BYTES", 500)
+    mp.setattr(corpus_files, "MAX_CORPUS_BYTES", 500)
     return train_flags()(w, mp)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from himoe.data import documents
 from himoe.data.batches import split_documents, split_train_val
-from himoe.data.documents import encode_documents, load_documents, resolve_paths
+from himoe.data.corpus_files import resolve_paths
+from himoe.data.documents import encode_documents, load_documents
 from himoe.data.tokenizers import CharTokenizer, train_tokenizer
 from himoe.training.trainer import Trainer
 from tests.cli.test_bad_input import himoe

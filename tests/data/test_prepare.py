@@ -14,7 +14,7 @@ from himoe.data import formats, shards
 from himoe.data import prepare as prepare_module
 from himoe.data.batches import get_batch
 from himoe.data.corpora import new_tokenizer, open_corpus, token_splits
-from himoe.data.documents import default_corpus_path
+from himoe.data.corpus_files import default_corpus_path
 from himoe.data.formats import BadRecords, read_documents
 from himoe.data.prepare import prepare
 from himoe.data.shards import PreparedCorpus

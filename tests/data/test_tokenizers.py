@@ -11,8 +11,14 @@ import pytest
 from himoe.checkpoint import manifest as mf
 from himoe.checkpoint.card import load_tokenizer
 from himoe.checkpoint.verify import verify
-from himoe.data.documents import Corpus, chunks
-from himoe.data.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, train_tokenizer
+from himoe.data.documents import Corpus
+from himoe.data.tokenizers import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    CharTokenizer,
+    chunks,
+    train_tokenizer,
+)
 from himoe.training.trainer import Trainer
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.edit.test_experts import small_config

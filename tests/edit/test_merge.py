@@ -1,5 +1,6 @@
 """`himoe merge`: branches of one seed joined as the level-1 groups of one model."""
 
+import importlib.util
 import io
 import subprocess
 import sys
@@ -82,10 +83,17 @@ def test_the_merged_model_verifies_resumes_and_generates(branches, capsys):
                  ["train", "--model_dir", branches / "m2", "--resume", "--data_file",
                   branches / "mix.txt", "--max_iters", "3", "--eval_interval", "3"],
                  ["generate", "--model_dir", branches / "m2", "--max_new_tokens", "8"],
-                 ["experts", "list", "--model_dir", branches / "m2"]):
+                 ["experts", "list", "--model_dir", branches / "m2"],
+                 ["analyze", "--model_dir", branches / "m2", "--domain",
+                  f"a={branches / 'a.txt'}", "--domain", f"b={branches / 'b.txt'}",
+                  "--no_plots"]):
         code, _, err = himoe(argv, capsys)
         assert code == 0, (argv[0], err)
     assert checkpoint.read_config(branches / "m2")[2] == 3
+    if importlib.util.find_spec("transformers") is not None:  # the hf extra
+        code, _, err = himoe(["export-hf", "--model_dir", branches / "m2", "--out",
+                              branches / "m2-hf"], capsys)
+        assert code == 0, err
 
 
 def test_a_merge_into_a_directory_another_writer_holds_is_refused(branches, tmp_path):

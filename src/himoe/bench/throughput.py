@@ -33,7 +33,7 @@ import torch
 from himoe.cli.presets import PRESETS
 from himoe.config import HiMoEConfig
 from himoe.data.batches import get_batch
-from himoe.data.documents import load_corpus
+from himoe.data.corpus_files import load_corpus
 from himoe.data.tokenizers import CharTokenizer
 from himoe.model import DenseFFN, HiMoEModel, MoELayer
 from himoe.training.allocator import keep_freed_memory

@@ -1,7 +1,7 @@
 """The documents of a corpus, one at a time, whatever the files hold (`himoe prepare`).
 
 --data_file names files as for training (a file, a directory or a glob; see
-himoe.data.documents.resolve_paths). Each file is read by its name:
+himoe.data.corpus_files.resolve_paths). Each file is read by its name:
 
 - `.jsonl`, `.json`: JSON lines, one document per line, its text under --text_field;
 - `.parquet`: one document per row, its text in the --text_field column (needs pyarrow:
@@ -24,14 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from himoe.data.documents import (
+from himoe.data.corpus_files import (
     GZIP,
     check_corpus_file,
-    chunks,
     is_plain_text,
     kind_of,
     resolve_paths,
 )
+from himoe.data.tokenizers import chunks
 from himoe.errors import UserError
 
 PARQUET_EXTRA = "pip install 'himoe[parquet]'"

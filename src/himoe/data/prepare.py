@@ -185,7 +185,7 @@ def _encode_char(tok: CharTokenizer, docs: Iterator[Document]):
 
 def _encode_bpe(tok: BPETokenizer, docs: Iterator[Document]):
     """(document index, ids, bytes) per piece: pieces of many documents go to encode_batch
-    together, in order, cut only where the cut changes no token (documents.chunks)."""
+    together, in order, cut only where the cut changes no token (tokenizers.chunks)."""
     batch: list[tuple[int, str]] = []
     size = 0
     for i, doc in enumerate(docs):

@@ -12,11 +12,17 @@ save writes besides the weights).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from himoe.checkpoint import safe_path
 from himoe.config import TOKENIZERS
 from himoe.errors import UserError
+
+CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at once, so the bar moves
+# A newline followed by a non-space character ends a byte-level BPE pre-token, so cutting
+# there tokenises exactly like the whole text.
+_CUT = re.compile(r"\n(?=\S)")
 
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"  # the BPE vocabulary's one special token (for exports)
@@ -177,3 +183,15 @@ def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
                         "the same save")
     return tok
 
+
+def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """text cut into pieces of about `size` characters, only where a cut changes no token."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces

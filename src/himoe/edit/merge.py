@@ -87,7 +87,7 @@ def read_sources(paths: list[Path]) -> list[Source]:
             raise UserError(f"--from {s.path} has another tokenizer than {first.path}; merge "
                             "branches of one seed model, which share its tokenizer")
     for s in sources:
-        if not s.dense and (s.cfg.router != "hierarchical" or s.cfg.group_experts):
+        if not s.dense and (not router_spec(s.cfg.router).group_routers or s.cfg.group_experts):
             raise UserError(f"--from {s.path} is a {s.cfg.router} model"
                             f"{' with groups of different sizes' if s.cfg.group_experts else ''};"
                             " merge dense models or hierarchical ones with equal groups")
@@ -165,9 +165,12 @@ def place_groups(state: dict, cfg: HiMoEConfig, source: Source, sd: dict, g0: in
                 key = card_layout.moe_key(layer, f"experts.{name}")
                 view = state[key].view(cfg.num_moes, M, *sd[key].shape[1:])
                 view[g0:g0 + n] = sd[key].view(n, M, *sd[key].shape[1:])
-            for name in ("group_weight_NMD", "main_weight_ND", "group_bias_N"):
+            spec = router_spec(cfg.router)
+            for _, name in spec.main_entries:  # [N, ...]: one row per group
                 state[r + name][g0:g0 + n] = sd[r + name]
-            state[r + "expert_bias_E"][g0 * M:(g0 + n) * M] = sd[r + "expert_bias_E"]
+            for _, name in spec.group_entries:  # stacked over the groups' expert slots
+                slots = card_layout.slots_NM(state[r + name], name, cfg)
+                slots[g0:g0 + n] = card_layout.slots_NM(sd[r + name], name, source.cfg)
         shared_parts.append(shared)
     return shared_parts
 
