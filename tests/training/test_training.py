@@ -217,3 +217,6 @@ def test_resume_refuses_to_move_router_lr_scale_to_or_from_1(tmp_path):
     assert config_from_args(argparse.Namespace(model_dir=model_dir), True).router_lr_scale == 1
     with pytest.raises(UserError, match="--router_lr_scale 2 cannot resume a run trained at 1"):
         config_from_args(argparse.Namespace(model_dir=model_dir, router_lr_scale=2.0), True)
+    # The Python API gets the same one line, not torch's error about parameter groups.
+    with pytest.raises(UserError, match="--router_lr_scale 2 cannot resume a run trained at 1"):
+        Trainer(run_cfg(tmp_path, "m", router_lr_scale=2.0), resume=True)

@@ -95,15 +95,11 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
             raise UserError(f"--{name} {given[name]} differs from the saved model's "
                             f"{getattr(saved, name)}; drop the flag to resume, or train a new "
                             "model in another --model_dir")
-    # 1 keeps the routers in AdamW's main parameter groups, any other value in their own:
-    # the saved optimiser state only loads into the grouping it was saved from.
-    scale, saved_scale = given.get("router_lr_scale", saved.router_lr_scale), saved.router_lr_scale
-    if (scale == 1) != (saved_scale == 1):
-        fix = "a value other than 1" if saved_scale != 1 else "1"
-        raise UserError(f"--router_lr_scale {scale:g} cannot resume a run trained at "
-                        f"{saved_scale:g}: the saved optimiser state is grouped for {fix}; "
-                        f"pass {fix}, or drop the flag")
-    return dataclasses.replace(saved, **given).validate()
+    from himoe.training.optim import check_router_lr_scale
+
+    cfg = dataclasses.replace(saved, **given).validate()
+    check_router_lr_scale(cfg, saved)
+    return cfg
 
 
 def branch_config(source: Path, given: dict) -> HiMoEConfig:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from himoe.config import TrainConfig
+from himoe.errors import UserError
 from himoe.model.grad_sink import grad_parts
 
 
@@ -34,6 +35,18 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def check_router_lr_scale(cfg: TrainConfig, saved: TrainConfig) -> None:
+    """A resumed run keeps the optimiser grouping it was saved with: router_lr_scale 1 keeps
+    the routers in AdamW's main parameter groups, any other value in their own, and the
+    saved state only loads into the grouping it came from."""
+    scale, saved_scale = cfg.router_lr_scale, saved.router_lr_scale
+    if (scale == 1) != (saved_scale == 1):
+        fix = "a value other than 1" if saved_scale != 1 else "1"
+        raise UserError(f"--router_lr_scale {scale:g} cannot resume a run trained at "
+                        f"{saved_scale:g}: the saved optimiser state is grouped for {fix}; "
+                        f"pass {fix}, or drop the flag")
 
 
 def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:

@@ -36,7 +36,12 @@ from himoe.training.evaluation import evaluate, flag_collapse
 from himoe.training.flops import mfu, peak_flops
 from himoe.training.freeze import Freezer
 from himoe.training.memory import check_training_fits
-from himoe.training.optim import bias_rate_at, build_optimizer, set_scheduled_lr
+from himoe.training.optim import (
+    bias_rate_at,
+    build_optimizer,
+    check_router_lr_scale,
+    set_scheduled_lr,
+)
 from himoe.training.outputs import routing_schedule, write_sample
 from himoe.training.rng import rng_state, seed_everything, set_rng_state
 from himoe.training.step import NonFiniteStep, train_step, write_expert_grads_in_place
@@ -74,6 +79,7 @@ def resumed_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus, model_dir: 
     """The saved tokenizer and weights, with the settings of this run (its flags may change
     the routing losses, never the shapes)."""
     saved, vocab, step = checkpoint.read_config(model_dir)
+    check_router_lr_scale(cfg, saved)  # before torch's own error about the optimiser groups
     tokenizer = tokenizer_for(saved, vocab, model_dir)
     missing = unknown_chars(corpus, tokenizer)
     if missing:
