@@ -256,3 +256,24 @@ def test_existing_out_and_damaged_shard_are_refused(tmp_path, capsys):
         f.write(b"\0")
     with pytest.raises(Exception, match="damaged"):
         open_corpus(out)
+
+
+def test_a_shard_with_ids_past_the_vocabulary_is_named_and_verify_finds_it(tmp_path, capsys):
+    docs = make_docs(tmp_path, 12)
+    out = tmp_path / "prepared"
+    manifest = quiet_prepare(docs, out, shard_tokens=400)
+    code, stdout, err = himoe(["verify", "--data_file", out], capsys)
+    assert code == 0 and "every id is in the vocabulary" in stdout, err
+    # Bit rot in the second shard: one id far past the vocabulary, the checksum stale.
+    name = manifest["shards"][1]["file"]
+    ids = np.fromfile(out / name, dtype=manifest["dtype"])
+    ids[:] = 60000  # every window over this shard meets it
+    ids.tofile(out / name)
+    code, _, err = himoe(["verify", "--data_file", out], capsys)
+    assert_one_line_error(code, err, f"{name} does not match its checksum")
+    code, _, err = himoe(["train", "--data_file", out, "--model_dir", tmp_path / "m",
+                          "--n_embd", "16", "--n_head", "2", "--block_size", "16",
+                          "--batch_size", "64", "--max_iters", "2", "--device", "cpu"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("himoe:")]
+    assert code == 2 and "Traceback" not in err  # below the progress bar, one line
+    assert len(errors) == 1 and f"{name} holds token id 60000" in errors[0], err

@@ -93,8 +93,12 @@ class TokenView:
     """A sequence of token ids made of ranges [start, end) of the shards' stream, read on
     demand: len() and take() as a 1-D tensor has them, which is all get_batch uses."""
 
-    def __init__(self, shards: list[np.ndarray], ranges: list[tuple[int, int]]):
-        self.shards = shards
+    def __init__(self, shards: list[np.ndarray], ranges: list[tuple[int, int]],
+                 vocab_size: int | None = None, names: list[str] | None = None,
+                 source: str = ""):
+        # vocab_size: ids at or past it (a damaged or tampered shard) stop the read with the
+        # shard's name, checked on what each read takes, so the cost follows the batch.
+        self.shards, self.vocab_size, self.names, self.source = shards, vocab_size, names, source
         self.shard_starts = np.cumsum([0] + [len(s) for s in shards])[:-1]
         self.range_starts = np.array([start for start, _ in ranges], dtype=np.int64)
         lengths = np.array([end - start for start, end in ranges], dtype=np.int64)
@@ -109,13 +113,26 @@ class TokenView:
         in_range = np.searchsorted(self.cum, pos, side="right") - 1
         stream = self.range_starts[in_range] + (pos - self.cum[in_range])
         if len(self.shards) == 1:  # most corpora: one shard holds 2^28 tokens
-            return torch.from_numpy(self.shards[0][stream].astype(np.int64))
-        shard = np.searchsorted(self.shard_starts, stream, side="right") - 1
-        out = np.empty(pos.shape, dtype=np.int64)
-        for s in np.unique(shard):  # a window rarely spans more than one shard
-            mask = shard == s
-            out[mask] = self.shards[s][stream[mask] - self.shard_starts[s]]
+            out = self.shards[0][stream].astype(np.int64)
+        else:
+            shard = np.searchsorted(self.shard_starts, stream, side="right") - 1
+            out = np.empty(pos.shape, dtype=np.int64)
+            for s in np.unique(shard):  # a window rarely spans more than one shard
+                mask = shard == s
+                out[mask] = self.shards[s][stream[mask] - self.shard_starts[s]]
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            self._bad_id(stream, out)
         return torch.from_numpy(out)
+
+    def _bad_id(self, stream: np.ndarray, out: np.ndarray):
+        at = int(stream.reshape(-1)[int(np.argmax(out.reshape(-1) >= self.vocab_size))])
+        s = int(np.searchsorted(self.shard_starts, at, side="right") - 1)
+        name = self.names[s] if self.names else f"shard {s}"
+        raise UserError(f"prepared corpus {self.source}: {name} holds token id "
+                        f"{int(out.max())} at position {at - int(self.shard_starts[s])}, past "
+                        f"the vocabulary of {self.vocab_size}: the file is damaged; check it "
+                        f"with `himoe verify --data_file {self.source}` and run `himoe "
+                        "prepare` again")
 
     def tensor(self) -> torch.Tensor:
         """The whole sequence in memory (for a sequential read of the validation side)."""
@@ -189,14 +206,22 @@ class PreparedCorpus:
 
     def splits(self, block_size: int) -> tuple[TokenView, TokenView]:
         """(train, validation) token sequences, as split_documents splits the same corpus."""
-        train, val = (TokenView(self.shards, ranges) for ranges in self._ranges())
+        train, val = (self._view(ranges) for ranges in self._ranges())
         check_split_sizes(self.source, len(train), len(val), block_size)
         return train, val
 
     def all_tokens(self) -> TokenView:
         """Every document's ids, read from the shards as they are taken, so that evaluating
         a corpus larger than memory streams it."""
-        return TokenView(self.shards, [(0, int(self.offsets[-1]))])
+        return self._view([(0, int(self.offsets[-1]))])
+
+    def _view(self, ranges: list[tuple[int, int]]) -> TokenView:
+        return TokenView(self.shards, ranges, self.vocab_size,
+                         [entry["file"] for entry in self.manifest["shards"]], self.source)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer().vocab_size
 
     def text(self) -> str:
         """The corpus decoded back (for an analysis that reads text, not ids)."""
@@ -211,8 +236,10 @@ class PreparedCorpus:
                             f"({tokenizer.kind}, {tokenizer.vocab_size}); prepare the corpus "
                             "again, or pass the original text files to --data_file")
 
-    def verify(self) -> None:
-        """Every file against its sha256 in the manifest (slow on a large corpus)."""
+    def verify(self) -> str:
+        """Every file against its sha256 in the manifest and every shard's ids against the
+        vocabulary (slow on a large corpus: it reads everything); returns a summary line.
+        The sizes were checked when the files were mapped."""
         for entry in [*self.manifest["shards"], self.manifest["offsets"]]:
             digest = hashlib.sha256()
             with open(self.path / entry["file"], "rb") as f:
@@ -221,6 +248,14 @@ class PreparedCorpus:
             if digest.hexdigest() != entry["sha256"]:
                 raise UserError(f"prepared corpus {self.path}: {entry['file']} does not match "
                                 "its checksum; run `himoe prepare` again")
+        for entry, shard in zip(self.manifest["shards"], self.shards):
+            if len(shard) and int(shard.max()) >= self.vocab_size:
+                raise UserError(f"prepared corpus {self.path}: {entry['file']} holds token id "
+                                f"{int(shard.max())}, past the vocabulary of {self.vocab_size}; "
+                                "run `himoe prepare` again")
+        return (f"prepared corpus {self.path}: {len(self.shards)} shard(s), "
+                f"{int(self.offsets[-1]):,} tokens in {self.manifest['documents']:,} documents; "
+                "every file matches its size and sha256, every id is in the vocabulary")
 
 
 def read_manifest(path: Path) -> dict:

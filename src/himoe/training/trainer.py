@@ -300,7 +300,11 @@ class Trainer:
             if cfg.intra_warmup:
                 model.set_intra_scale(min(1.0, self.step / cfg.intra_warmup))
             t0 = time.perf_counter()
-            x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
+            try:
+                x, y = get_batch(self.train_data, cfg.batch_size, cfg.block_size, self.data_gen)
+            except UserError:  # a damaged prepared shard: its name, on a line of its own
+                bar.close()
+                raise
             # The forward may update router buffers (e.g. a logit EMA): a skipped step undoes it.
             buffers = [b.clone() for b in model.buffers()] if self.skip_nonfinite else None
             try:
