@@ -189,7 +189,7 @@ def report(summary: dict, shape: dict, corpus: str, command: str, pngs: list[str
         *[f"![{p}]({p})" for p in pngs], "",
         "## Setup", "",
         f"- Corpus: {corpus}; first 90% for training, last 10% for validation.",
-        f"- Shape: {json.dumps(shape)}; presets as in the README.",
+        f"- Shape: {json.dumps(shape)}; presets as in docs/routing.md.",
         f"- Machine: {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}.",
         f"- Command: `{command}`", ""])

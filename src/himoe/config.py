@@ -118,7 +118,7 @@ class ModelConfig(_Section):
     # the index (1-based) now held by the expert that had index i + 1 before the first
     # prune, 0 where it was removed. None: never pruned.
     expert_index_map: list[list[list[int]]] | None = setting(None, "", no_flag=True)
-    preset: str = setting("", "routing and losses of a source design (README: Presets); "
+    preset: str = setting("", "routing and losses of a source design (docs/routing.md: Presets); "
                           "flags override it")
     # The tokenizer belongs to the model: its vocabulary is the embedding's rows.
     vocab_size: int = setting(0, "", shape=True, no_flag=True)  # what the tokenizer has

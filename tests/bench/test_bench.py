@@ -1,5 +1,5 @@
 """`himoe bench --smoke`: the benchmark harness still runs end to end. No timing is asserted:
-a benchmark is not a test (README, "Speed")."""
+a benchmark is not a test (docs/studies.md, "Speed")."""
 
 import subprocess
 import sys

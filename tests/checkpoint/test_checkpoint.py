@@ -11,11 +11,13 @@ from himoe.model import HiMoEModel
 from tests.conftest import tiny_config
 
 
-def expected_files(n_layer, N, M):
+def expected_files(n_layer, N, M, shared=True):
     files = {"config.json", "backbone.pt", "manifest.json"}  # manifest.json: the commit record
     for layer in range(1, n_layer + 1):
         prefix = f"layer_{layer:02d}_" if n_layer > 1 else ""
         files.add(f"{prefix}main_router.pt")
+        if shared:  # the default has a shared expert, in a file of its own
+            files.add(f"{prefix}shared_expert.pt")
         for g in range(1, N + 1):
             files.add(f"{prefix}moe_expert_{g:03d}/router.pt")
             files |= {f"{prefix}moe_expert_{g:03d}/model_{j:03d}.pt" for j in range(1, M + 1)}
@@ -44,7 +46,7 @@ def test_layout_is_the_cards(n_layer, tmp_path):
 def test_round_trip_is_bit_exact(shared_fraction, tmp_path):
     torch.manual_seed(0)
     model = HiMoEModel(tiny_config(shared_fraction=shared_fraction))
-    assert saved(model, tmp_path) == expected_files(2, 3, 4)  # a shared expert: in backbone
+    assert saved(model, tmp_path) == expected_files(2, 3, 4, shared=shared_fraction > 0)
     loaded, cfg, vocab, step = checkpoint.load_model(tmp_path)
     assert step == 7 and cfg.model == model.cfg
     a, b = model.state_dict(), loaded.state_dict()

@@ -49,3 +49,25 @@ def test_resume_continues_it_and_keeps_the_config_keys(tmp_path, capsys):
     changed = {k for k in before["config"].keys() - run
                if after["config"][k] != before["config"][k]}
     assert changed == {"max_iters"}
+
+
+def test_its_shared_expert_in_backbone_loads_and_moves_to_its_own_file(tmp_path, capsys):
+    """Before the shared expert had a file of its own it lived in backbone.pt: such a
+    directory loads with it, lists it, and a resumed save writes it to shared_expert.pt."""
+    import torch
+
+    work = tmp_path / "model"
+    shutil.copytree(SAVED, work)
+    old = torch.load(SAVED / "backbone.pt", weights_only=True)
+    model, _, _, _ = checkpoint.load_model(work)
+    assert torch.equal(model.blocks[0].shared_ffn.fc1.weight, old["blocks.0.shared_ffn.fc1.weight"])
+    code, out, err = himoe(["experts", "list", "--model_dir", work, "--device", "cpu"], capsys)
+    assert code == 0 and "shared_expert.pt" not in out, err  # not a file there yet
+    code, _, err = himoe(["train", "--resume", "--max_iters", "3", "--sample_tokens", "4",
+                          "--model_dir", work, "--train_only", "layer1.shared"], capsys)
+    assert code == 0, err
+    shared = torch.load(work / "shared_expert.pt", weights_only=True)
+    assert set(shared) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert not torch.equal(shared["fc1.weight"], old["blocks.0.shared_ffn.fc1.weight"])
+    code, out, err = himoe(["verify", "--model_dir", work], capsys)
+    assert code == 0, err

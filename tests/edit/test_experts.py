@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from himoe import Expert
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint import manifest as mf
 from himoe.checkpoint.quantize import dequantize_state, quantize_rows
@@ -54,10 +55,16 @@ def test_list_has_one_row_per_expert_and_router_file(models, capsys):
     code, out, err = himoe(["experts", "list", "--model_dir", a, "--device", "cpu"], capsys)
     assert code == 0, err
     rows = [line.split() for line in out.splitlines() if line.startswith("layer_")]
-    assert len(rows) == 2 * (1 + 2 * (1 + 2))  # per layer: main router, 2 x (router + 2)
+    # per layer: main router, shared expert, 2 x (router + 2 experts)
+    assert len(rows) == 2 * (1 + 1 + 2 * (1 + 2))
+    shared = [r for r in rows if r[3] == "shared"]
+    # 16 -> 16 -> 16 with biases: a quarter of the active width 4 x 16; every token runs it
+    assert [r[0] for r in shared] == ["layer_01_shared_expert.pt", "layer_02_shared_expert.pt"]
+    assert all(r[2] == "-" and r[4] == f"{2 * 16 * 16 + 16 + 16:,}" and r[7] == "100.0%"
+               for r in shared)
     # 808 = fc1 24 x 16 + 24, fc2 16 x 24 + 16: the shared expert takes a quarter of 4 x 16,
     # each of a token's two routed experts half of the rest
-    experts = [r for r in rows if r[3] != "router"]
+    experts = [r for r in rows if r[3] not in ("router", "shared")]
     assert len(experts) == 8 and all(r[4] == "808" and r[6] == "float32" for r in experts)
     for layer in ("1", "2"):  # the expert shares of a layer add up to all its tokens
         shares = [float(r[7].rstrip("%")) for r in experts if r[1] == layer]
@@ -119,7 +126,8 @@ def test_quantize_shrinks_the_files_and_keeps_the_model_working(models, capsys):
                                  weights_only=True)
     code, out, err = himoe(["experts", "quantize", "--model_dir", a, "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "quantised 6 expert files" in out and "(2 were already int8)" in out and "OK" in out
+    # the 6 routed experts left and both layers' shared experts
+    assert "quantised 8 expert files" in out and "(2 were already int8)" in out and "OK" in out
     losses = [float(x) for x in out.split("validation loss ")[1].split(" (")[0].split(" -> ")]
     assert abs(losses[1] - losses[0]) < 0.01
     for rel, size in sizes.items():
@@ -146,3 +154,29 @@ def test_quantize_rows_round_trip():
     back = dequantize_state({"fc1.weight_int8": q_OI, "fc1.weight_scale": scale_O})
     assert torch.allclose(back["fc1.weight"], w_OI, atol=float(scale_O.max()) / 2 + 1e-7)
     assert torch.equal(back["fc1.weight"][2], torch.zeros(10))
+
+
+def test_the_shared_expert_is_a_part_of_its_own(models, capsys):
+    """layerL.shared names the layer's shared expert file for swap and quantize; it loads
+    into himoe.Expert on its own, as a routed expert's file does."""
+    a, b = models
+    rel = "layer_02_shared_expert.pt"
+    before = digests(a)
+    code, out, err = himoe(["experts", "swap", "--model_dir", a, "--from_dir", b,
+                            "--part", "layer2.shared"], capsys)
+    assert code == 0 and "swapped the shared expert in layer 2" in out, err
+    after = digests(a)
+    assert {k for k in after if after[k] != before.get(k)} == {rel}  # every other file: bytes
+    assert after[rel] == digests(b)[rel]
+    code, out, err = himoe(["experts", "quantize", "--model_dir", a, "--only", "layer2.shared"],
+                           capsys)
+    assert code == 0 and "quantised 1 expert files" in out, err
+    assert "fc1.weight_int8" in torch.load(a / rel, weights_only=True)
+    loaded, *_ = checkpoint.load_model(a)
+    reference = Expert(16, 16)
+    reference.load_state_dict(torch.load(b / rel, weights_only=True))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded.blocks[1].shared_ffn(x), reference(x), atol=2e-2, rtol=0)
+    code, _, err = himoe(["experts", "swap", "--model_dir", a, "--from_dir", b, "--part",
+                          "layer1.group1.shared"], capsys)
+    assert_one_line_error(code, err, "name it layer1.shared")

@@ -169,7 +169,7 @@ def test_a_broken_expert_index_map_is_refused():
 def test_prune_refuses_bad_input_in_one_line(model_dir, tmp_path, capsys):
     before = tree(model_dir)
     code, _, err = prune(model_dir, capsys, "--only", "backbone")
-    assert_one_line_error(code, err, "names no experts")
+    assert_one_line_error(code, err, "names no routed experts")
     code, _, err = prune(model_dir, capsys, "--only", "layer3.group1.expert1")
     assert_one_line_error(code, err, "there is no layer 3")
     code, _, err = prune(model_dir, capsys, "--only", "layer1.group2")

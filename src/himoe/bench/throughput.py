@@ -1,4 +1,4 @@
-"""`himoe bench`: speed and memory of himoe against its baselines (README, "Speed").
+"""`himoe bench`: speed and memory of himoe against its baselines (docs/studies.md, "Speed").
 
 One process runs both sides of each comparison, alternating A B A B after a warm-up, and
 reports the median ratio with its min and max: on a shared, noisy machine a ratio measured
@@ -475,7 +475,7 @@ def report(rows: list[Row], settings: Settings, command: str) -> str:
         f"{settings.repeats} timed repeats per side, alternating A B A B, after a warm-up "
         f"({settings.warmup} untimed training steps per side); a training repeat times "
         f"{settings.steps} steps of batch {batch}. Ratios are measured / baseline, per "
-        "repeat. Protocol and targets: README, \"Speed\".", "",
+        "repeat. Protocol and targets: docs/studies.md, \"Speed\".", "",
         table(rows), "",
         f"- machine: {cpu_model()}, {settings.threads} torch threads "
         f"({os.cpu_count()} CPUs visible)",
@@ -532,7 +532,7 @@ def sections(text: str) -> list[str]:
 
 def build_parser(prog: str) -> Parser:
     p = Parser(prog=prog, description="Training and generation speed, and peak memory, "
-                                      "against their baselines (README, \"Speed\").")
+                                      "against their baselines (docs/studies.md, \"Speed\").")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats per side")
     p.add_argument("--steps", type=positive_int, default=3,
                    help="timed training steps per repeat")

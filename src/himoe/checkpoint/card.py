@@ -2,6 +2,9 @@
 
     config.json                      hyperparameters, vocabulary, last saved step
     backbone.pt                      embeddings, attention, LayerNorms (LM head is tied)
+    [layer_LL_]shared_expert.pt      the layer's shared expert, where the model has one:
+                                     {"fc1.weight": [S, D], ...} as an expert's (in backbone.pt
+                                     in directories saved before it had a file of its own)
     [layer_LL_]main_router.pt        level-1 gate: {"weight": [N, D]}
     [layer_LL_]moe_expert_00G/
         router.pt                    level-2 gate of group G: {"weight": [M, D]}
@@ -39,6 +42,7 @@ import torch
 
 from himoe.checkpoint import atomic_dir, card_layout, safe_path
 from himoe.checkpoint import manifest as mf
+from himoe.checkpoint.quantize import dequantize_state
 from himoe.config import HiMoEConfig, ModelConfig
 from himoe.data.tokenizers import TOKENIZER_FILE, tokenizer_for
 from himoe.errors import UserError
@@ -57,10 +61,15 @@ def to_files(model: HiMoEModel) -> dict[str, dict[str, torch.Tensor]]:
     cfg = model.cfg
     state = model.state_dict()
     moe_layers = model.moe_layers
-    backbone = {k: v.clone() for k, v in state.items()
-                if k != "lm_head.weight" and not any(k.startswith(f"blocks.{i}.ffn.")
-                                                     for i in moe_layers)}
-    files = {"backbone.pt": backbone}
+    files: dict[str, dict[str, torch.Tensor]] = {"backbone.pt": {}}
+    for k, v in state.items():
+        shared = card_layout.SHARED_KEY.fullmatch(k)
+        if shared is not None:
+            rel = card_layout.shared_expert_file(cfg, int(shared[1]))
+            files.setdefault(rel, {})[shared[2]] = v.clone()
+        elif k != "lm_head.weight" and not any(k.startswith(f"blocks.{i}.ffn.")
+                                               for i in moe_layers):
+            files["backbone.pt"][k] = v.clone()
     for layer in sorted(moe_layers):
         files.update(card_layout.layer_files(cfg, layer, state))
     return files
@@ -114,6 +123,12 @@ def from_files(model: HiMoEModel, model_dir: Path) -> None:
     expected = model.state_dict()
     state = load_weight_file(model_dir, "backbone.pt")
     state["lm_head.weight"] = state.get("tok_emb.weight")
+    for layer in range(cfg.n_layer):
+        rel = card_layout.shared_expert_file(cfg, layer)
+        # A directory saved before the shared expert had its own file keeps it in backbone.pt.
+        if cfg.shared_hidden and safe_path.lstat(model_dir, rel) is not None:
+            shared = dequantize_state(load_weight_file(model_dir, rel), rel)
+            state.update({f"blocks.{layer}.shared_ffn.{k}": v for k, v in shared.items()})
     for layer in model.moe_layers:
         state.update(card_layout.layer_state(
             cfg, layer, expected, lambda rel: load_weight_file(model_dir, rel), str(model_dir)))
@@ -258,7 +273,10 @@ def save_model(model: HiMoEModel, vocab: list[str], step: int, model_dir: Path,
     model_dir = Path(model_dir)
     config = config if config is not None else HiMoEConfig(**dataclasses.asdict(model.cfg))
     writers = {name: _torch_writer(sd) for name, sd in to_files(model).items()}
-    writers.update({name: copy_writer(model_dir, name) for name in keep})
+    # A kept file the directory does not hold yet (a shared expert still inside backbone.pt,
+    # from before it had a file of its own) is written from the model, whose weights it is.
+    writers.update({name: copy_writer(model_dir, name) for name in keep
+                    if safe_path.lstat(model_dir, name) is not None})
     for name, obj in (extra or {}).items():
         if isinstance(obj, str):
             obj = obj.encode("utf-8")

@@ -52,6 +52,15 @@ def expert_file(cfg: HiMoEConfig, layer: int, group: int, expert: int) -> str:
     return f"{group_dir(cfg, layer, group)}/model_{expert + 1:03d}.pt"
 
 
+def shared_expert_file(cfg: HiMoEConfig, layer: int) -> str:
+    """The layer's shared expert (every token runs it): a DenseFFN's state_dict, so it loads
+    into himoe.Expert on its own, as a routed expert's file does."""
+    return f"{layer_prefix(cfg, layer)}shared_expert.pt"
+
+
+SHARED_KEY = re.compile(r"blocks\.(\d+)\.shared_ffn\.(.+)")
+
+
 def moe_key(layer: int, name: str) -> str:
     return f"blocks.{layer}.ffn.{name}"
 
@@ -181,6 +190,9 @@ def owner_files(cfg: HiMoEConfig, key: str) -> str | list[str]:
     """The weight file that holds state_dict entry `key`: one name for a whole tensor, or
     one per row (dim 0) for tensors stacked over slots or groups. A slot of a ragged group
     with no expert belongs to no file (""): it is kept as it is."""
+    shared = SHARED_KEY.fullmatch(key)
+    if shared is not None:
+        return shared_expert_file(cfg, int(shared[1]))
     m = MOE_KEY.fullmatch(key)
     if m is None or router_spec(cfg.router).dense:
         return "backbone.pt"

@@ -86,7 +86,6 @@ def add_parser(sub) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report here")
     p.add_argument("--lm_eval_task", "--lm-eval-task", default=None, metavar="DIR",
                    help="also write a local lm-evaluation-harness perplexity task over the "
-                        "same documents into DIR (README: Tokenizers, corpora, evaluation and "
-                        "logging)")
+                        "same documents into DIR (docs/your_data.md)")
     add_device(p)
     p.set_defaults(func=cmd_eval)

@@ -54,20 +54,22 @@ def expert_rows(model_dir: Path, model, cfg, layers: list[dict]) -> list[list]:
     from himoe.checkpoint.card import load_weight_file
     from himoe.checkpoint.quantize import dequantize_state
     from himoe.edit.prune import expert_shares
-    from himoe.edit.specs import describe_file, weight_files
+    from himoe.edit.specs import SHARED, describe_file, weight_files
 
     # Router buffers (balancing biases, logit EMA) are state, not parameters.
     buffers = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} | {BALANCE_BIAS}
     shares = expert_shares(layers, cfg)
     rows = []
     for rel in weight_files(cfg):
-        if rel == "backbone.pt":
-            continue
+        if rel == "backbone.pt" or not (model_dir / rel).exists():  # a shared expert saved
+            continue  # before it had a file of its own is still inside backbone.pt
         sd = load_weight_file(model_dir, rel)
         params = sum(v.numel() for k, v in dequantize_state(sd, rel).items() if k not in buffers)
         layer, group, expert = describe_file(rel, cfg)
         fig = layers[layer - 1]
-        if expert is not None:
+        if expert == SHARED:
+            share = 1.0  # every token runs it
+        elif expert is not None:
             share = shares[layer - 1, group - 1, expert - 1]
         elif group is not None:
             share = fig["group_share"][group - 1]  # the tokens this group's router routes
@@ -140,7 +142,8 @@ def _quantize(args) -> int:
     if router_spec(cfg.router).dense:
         raise UserError(f"{model_dir} is a dense model: it has no expert files to quantise")
     named = spec_files(args.only, cfg, "--only") if args.only else weight_files(cfg)
-    experts = [rel for rel in named if describe_file(rel, cfg)[2] is not None]
+    experts = [rel for rel in named if describe_file(rel, cfg)[2] is not None
+               and (model_dir / rel).exists()]  # an old shared expert: in backbone.pt
     if not experts:
         raise UserError(f"{'--only ' + args.only if args.only else model_dir} names no expert "
                         "files (routers and the backbone stay fp32); name experts, e.g. "

@@ -165,8 +165,8 @@ def add_parser(sub) -> None:
                             "counted and logged) instead of stopping the run")
     train.add_argument("--train_only", "--train-only", default=None, metavar="SPEC",
                        help="with --resume: train only these parts, e.g. layer1.group3,"
-                            "layer2.router,layer1.group3.expert2 (README: Working with single "
-                            "experts); every other weight file stays byte for byte")
+                            "layer2.router,layer1.group3.expert2 (docs/experts.md); every "
+                            "other weight file stays byte for byte")
     add_parallel_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -23,7 +23,7 @@ DESCRIPTION = (
     "hierarchical top-1/top-1 router). At step 0 the MoE then computes what the dense model "
     "computes, to rounding. --noise S multiplies each routed expert's weights by 1 + S*u, u "
     "uniform in [-1, 1], so the copies differ; each layer's output then stays within "
-    "S*|W2|*(1.13*(1+S)*(|W1||h|+|b1|) + |gelu(W1 h+b1)|) of the dense FFN's (README: "
+    "S*|W2|*(1.13*(1+S)*(|W1||h|+|b1|) + |gelu(W1 h+b1)|) of the dense FFN's (docs/experts.md: "
     "Upcycling a dense model). The tokenizer and training settings come with the dense "
     "model; train_state.pt is a new run's at step 0, so `himoe train --model_dir OUT --resume "
     "--max_iters K` trains it.")

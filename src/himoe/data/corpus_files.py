@@ -12,7 +12,7 @@ from pathlib import Path
 
 from himoe.errors import UserError
 
-# The most text --data_file may hold, all files together (README: Corpora): tokenising
+# The most text --data_file may hold, all files together (docs/your_data.md): tokenising
 # keeps the text and 8-byte token ids of every character in memory.
 MAX_CORPUS_BYTES = 4 << 30
 _SPECIAL = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),

@@ -1,5 +1,5 @@
 """Training on many processes with torch.distributed, launched by torchrun: data-parallel
-(DDP), sharded (FSDP2) and expert-parallel. See README, "Many GPUs".
+(DDP), sharded (FSDP2) and expert-parallel. See docs/many_gpus.md.
 
 launch.py joins the process group, plan.py is what the trainer asks of the run,
 expert_parallel.py moves tokens to their experts' ranks, collectives.py holds the small

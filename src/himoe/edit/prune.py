@@ -83,11 +83,12 @@ def named(text: str, cfg: HiMoEConfig) -> set[Expert]:
     chosen = set()
     for rel in spec_files(text, cfg, "--only"):
         layer, group, expert = describe_file(rel, cfg)
-        if expert is not None:
+        if group is not None and expert is not None:
             chosen.add((layer - 1, group - 1, expert - 1))
     if not chosen:
-        raise UserError(f"--only {text!r} names no experts (routers and the backbone are not "
-                        "pruned); name experts, e.g. layer1.group2.expert3 or layer1.group2")
+        raise UserError(f"--only {text!r} names no routed experts (routers, shared experts and "
+                        "the backbone are not pruned); name experts, e.g. "
+                        "layer1.group2.expert3 or layer1.group2")
     return chosen
 
 

@@ -8,6 +8,9 @@
                              with per-group router files only (hierarchical), the others
                              have one router file per layer
     layerL.groupG.expertJ    expert J of group G (moe_expert_00G/model_00J.pt)
+    layerL.shared            layer L's shared expert ([layer_LL_]shared_expert.pt), where
+                             the model has one; `layerL` alone names its routers and routed
+                             experts, not it
 
 Several parts are separated by commas. Each part is a set of weight files, so every command
 that takes a SPEC works on files.
@@ -23,8 +26,12 @@ from himoe.config import HiMoEConfig
 from himoe.errors import UserError
 from himoe.model.routers.registry import router_spec
 
-PATTERN = re.compile(r"layer(\d+)(?:\.group(\d+))?(?:\.(router|expert(\d+)))?")
-EXAMPLES = "e.g. layer1.group2.expert3, layer1.group2.router, layer1.router, layer1 or backbone"
+PATTERN = re.compile(r"layer(\d+)(?:\.group(\d+))?(?:\.(router|shared|expert(\d+)))?")
+EXAMPLES = ("e.g. layer1.group2.expert3, layer1.group2.router, layer1.router, layer1.shared, "
+            "layer1 or backbone")
+
+
+SHARED = "shared"  # describe_file's expert of a shared expert file
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Part:
     group: int | None = None  # 0-based
     expert: int | None = None  # 0-based, inside the group
     router: bool = False
+    shared: bool = False
 
 
 def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
@@ -59,11 +67,16 @@ def parse_part(text: str, cfg: HiMoEConfig, flag: str) -> Part:
     if expert is not None and int(expert) > cfg.group_sizes(int(layer) - 1)[int(group) - 1]:
         raise UserError(f"{flag} {text!r}: group {group} of layer {layer} has experts "
                         f"1-{cfg.group_sizes(int(layer) - 1)[int(group) - 1]}")
+    if kind == "shared" and (group is not None or not cfg.shared_hidden):
+        raise UserError(f"{flag} {text!r}: " + (
+            f"a shared expert belongs to its layer, name it layer{layer}.shared"
+            if group is not None else "this model has no shared expert (--shared_fraction 0)"))
     if kind == "router" and group is not None and not spec.group_routers:
         raise UserError(f"{flag} {text!r}: the {cfg.router} router has one router file per "
                         f"layer; name it layer{layer}.router")
     return Part(int(layer) - 1, None if group is None else int(group) - 1,
-                None if expert is None else int(expert) - 1, kind == "router")
+                None if expert is None else int(expert) - 1, kind == "router",
+                kind == "shared")
 
 
 def parse_spec(text: str, cfg: HiMoEConfig, flag: str) -> list[Part]:
@@ -78,6 +91,8 @@ def part_files(part: Part, cfg: HiMoEConfig) -> list[str]:
     if part.layer is None:
         return ["backbone.pt"]
     L, group_routers = part.layer, router_spec(cfg.router).group_routers
+    if part.shared:
+        return [card_layout.shared_expert_file(cfg, L)]
     if part.expert is not None:
         return [card_layout.expert_file(cfg, L, part.group, part.expert)]
     if part.router:
@@ -107,15 +122,21 @@ def weight_files(cfg: HiMoEConfig) -> list[str]:
     if not router_spec(cfg.router).dense:
         for layer in range(cfg.n_layer):
             files += part_files(Part(layer), cfg)
+            if cfg.shared_hidden:
+                files.append(card_layout.shared_expert_file(cfg, layer))
     return files
 
 
-def describe_file(rel: str, cfg: HiMoEConfig) -> tuple[int | None, int | None, int | None]:
+def describe_file(rel: str, cfg: HiMoEConfig) -> tuple[int | None, int | None,
+                                                      int | str | None]:
     """(layer, group, expert), 1-based, of a weight file; None where it does not apply (a
-    router has no expert number, a layer router no group)."""
+    router has no expert number, a layer router no group); a shared expert is expert
+    "shared" of no group."""
     for layer in range(cfg.n_layer):
         if rel == card_layout.main_router_file(cfg, layer):
             return layer + 1, None, None
+        if rel == card_layout.shared_expert_file(cfg, layer):
+            return layer + 1, None, SHARED
         for g, size in enumerate(cfg.group_sizes(layer)):
             if rel == card_layout.group_router_file(cfg, layer, g):
                 return layer + 1, g + 1, None

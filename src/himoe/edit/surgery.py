@@ -18,7 +18,7 @@ from himoe.checkpoint import atomic_dir, safe_path
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint import manifest as mf
 from himoe.checkpoint.quantize import dequantize_state
-from himoe.edit.specs import describe_file, spec_files, weight_files
+from himoe.edit.specs import SHARED, describe_file, spec_files, weight_files
 from himoe.errors import UserError
 from himoe.model.routers.registry import BALANCE_BIAS, WEIGHT
 
@@ -135,7 +135,8 @@ def swap(model_dir: Path, from_dir: Path, rel: str) -> str:
     rewrite(model_dir, {rel: lambda f: f.write(data)})
     cfg, _, _ = checkpoint.read_config(model_dir)
     layer, group, expert = describe_file(rel, cfg)
-    what = (f"expert {expert} of group {group}" if expert else
+    what = ("the shared expert" if expert == SHARED else
+            f"expert {expert} of group {group}" if expert else
             f"the router of group {group}" if group else "the level-1 router") + \
         f" in layer {layer}"
     return f"swapped {what}: {dst} now holds {src}"

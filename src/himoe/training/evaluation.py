@@ -52,7 +52,7 @@ def evaluate(model: HiMoEModel, data: torch.Tensor, settings: TrainConfig, devic
 
 def balance_hint(cfg: ModelConfig) -> str:
     """What the collapse warning advises: the balancing flags this run leaves off, or, when
-    every one is on, turning the strongest up (see README, 'The default routing')."""
+    every one is on, turning the strongest up (see docs/routing.md, 'The default routing')."""
     levers = router_spec(cfg.router).balance_levers
     off = [f"--{name} {value:g}" for name, value in levers if getattr(cfg, name) == 0]
     if off:
