@@ -277,3 +277,37 @@ def test_a_shard_with_ids_past_the_vocabulary_is_named_and_verify_finds_it(tmp_p
     errors = [line for line in err.splitlines() if line.startswith("himoe:")]
     assert code == 2 and "Traceback" not in err  # below the progress bar, one line
     assert len(errors) == 1 and f"{name} holds token id 60000" in errors[0], err
+
+
+PEAK_CHILD = """
+import json, random, sys
+from himoe.data.prepare import prepare
+random.seed(0)
+words = ["to", "be", "or", "not", "that", "is", "question", "naïve", "café", "'tis"]
+text = " ".join(random.choice(words) for _ in range(2_000_000))  # one line, no newline
+with open(sys.argv[1] + "/one.jsonl", "w") as f:
+    f.write(json.dumps({"text": text}) + "\\n")
+del text
+def kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+base = kb("VmRSS:")
+prepare(sys.argv[1] + "/one.jsonl", sys.argv[2], sys.argv[1] + "/out", bpe_vocab_size=300,
+        err=open("/dev/null", "w"))
+print(kb("VmHWM:") - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer, fixed_mb", [("char", 0), ("bpe", 250)])
+def test_one_long_record_costs_prepare_a_small_multiple_of_itself(tmp_path, tokenizer,
+                                                                  fixed_mb):
+    """A 12 MB record with no newline: prepare holds it as bytes while parsing, then as
+    text, and cuts it into pieces (no copy of the whole); BPE adds its encoding batch. The
+    record once cost 20x itself (char) and 160x (bpe, cut nowhere)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(tmp_path), tokenizer],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    record_kb = (tmp_path / "one.jsonl").stat().st_size / 1024
+    assert int(r.stdout.split()[-1]) < 6 * record_kb + fixed_mb * 1024

@@ -20,6 +20,7 @@ import codecs
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,11 @@ from himoe.data.corpus_files import (
     kind_of,
     resolve_paths,
 )
-from himoe.data.tokenizers import chunks
+from himoe.data.tokenizers import chunks, iter_chunks
 from himoe.errors import UserError
 
 PARQUET_EXTRA = "pip install 'himoe[parquet]'"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 STREAM_BYTES = 1 << 26  # a text file above this is read piece by piece (read_documents)
@@ -51,7 +53,7 @@ class Document:
         """The text in pieces of about `size` characters, cut only where a cut changes no
         token, so that encoding the pieces gives the text's own ids."""
         if self.text is not None:
-            yield from chunks(self.text, size)
+            yield from iter_chunks(self.text, size)
             return
         decoder = codecs.getincrementaldecoder("utf-8")()
         carry, done = "", 0  # text not yet cut off; bytes read before this block
@@ -149,34 +151,36 @@ def _json_lines(path: Path, text_field: str, bad: BadRecords) -> Iterator[Docume
     with _open(path) as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
+            # json.loads reads the UTF-8 bytes itself, and the line is dropped as soon as
+            # it is parsed: a record of N bytes is held once as bytes, then as its text.
             try:
-                line = raw.decode("utf-8")
+                record = json.loads(raw) if raw.strip() else None
             except UnicodeDecodeError as e:
                 bad.report(where, f"is not valid UTF-8 (byte {e.start})", "convert the file")
                 continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
             except json.JSONDecodeError as e:
                 bad.report(where, f"is not JSON ({e.msg})", "fix the line")
+                continue
+            finally:
+                del raw
+            if record is None:
                 continue
             if not isinstance(record, dict) or text_field not in record:
                 bad.report(where, f"has no field {text_field!r}",
                            "name the field that holds the text with --text_field")
                 continue
-            text = record[text_field]
+            text = record.pop(text_field)
+            del record
             if not isinstance(text, str):
                 bad.report(where, f"field {text_field!r} is a {type(text).__name__}, not a "
                            "string", "store the text as a JSON string")
                 continue
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate escape, e.g. "\ud800"
+            if _SURROGATE.search(text):  # a lone surrogate escape, e.g. "\ud800": no copy
                 bad.report(where, f"field {text_field!r} is not valid Unicode (a lone "
                            "surrogate)", "fix the text")
                 continue
             yield Document(where, text)
+            del text
 
 
 def _parquet(path: Path, text_field: str, bad: BadRecords) -> Iterator[Document]:

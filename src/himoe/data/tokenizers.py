@@ -13,6 +13,7 @@ save writes besides the weights).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from himoe.checkpoint import safe_path
@@ -20,9 +21,12 @@ from himoe.config import TOKENIZERS
 from himoe.errors import UserError
 
 CHUNK_CHARS = 1 << 20  # text handed to the tokenizer at once, so the bar moves
-# A newline followed by a non-space character ends a byte-level BPE pre-token, so cutting
-# there tokenises exactly like the whole text.
-_CUT = re.compile(r"\n(?=\S)")
+# Where a byte-level BPE pre-token (GPT-2's pattern) always ends, so that pieces cut there
+# tokenise exactly like the whole text: after a newline followed by a non-space character,
+# and before a space between two non-space characters (a space followed by a non-space
+# starts a pre-token, " word", and no pattern takes a space at the end). The second kind
+# lets a long line, or a record with no newline at all, be cut too.
+_CUT = re.compile(r"\n(?=\S)|(?<=\S)(?= \S)")
 
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"  # the BPE vocabulary's one special token (for exports)
@@ -186,12 +190,16 @@ def tokenizer_for(cfg, vocab: list[str], model_dir: Path):
 
 def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
     """text cut into pieces of about `size` characters, only where a cut changes no token."""
-    pieces, start = [], 0
+    return list(iter_chunks(text, size))
+
+
+def iter_chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """chunks, one piece at a time: a long text is never copied whole."""
+    start = 0
     while len(text) - start > size:
         cut = _CUT.search(text, start + size)
         if cut is None:
             break
-        pieces.append(text[start:cut.end()])
+        yield text[start:cut.end()]
         start = cut.end()
-    pieces.append(text[start:])
-    return pieces
+    yield text[start:]
