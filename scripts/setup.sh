@@ -2,7 +2,8 @@
 # Make a virtual environment and install himoe into it.
 #
 #   setup.sh          .venv with himoe, every package at the version constraints.txt pins
-#   setup.sh dev      the same plus the test tools and optional extras (pytest, ruff, ...)
+#   setup.sh dev      the same plus the test tools and optional extras (pytest, ruff, ...),
+#                     and, as root on Debian, the chromium the page's browser test drives
 #   setup.sh latest   .venv-latest: himoe[dev] with the newest release of every package but
 #                     torch, no constraints, so that a breaking upstream release shows up in
 #                     our tests first (then `.venv-latest/bin/python -m pytest`)
@@ -55,5 +56,15 @@ if [ "$mode" = latest ]; then
 else
   grep -v '^torch==' constraints.txt >> "$keep"
   "${pip[@]}" install -e ".${extras}" -c "$keep"
+fi
+# The browser test of `himoe view` drives Debian's headless chromium; without it, it skips.
+if [ "$mode" = dev ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the browser test of himoe view" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/dev/null 2>&1 || echo "setup: chromium could not be installed; that test skips" >&2
+  else
+    echo "setup: no chromium (Debian's package); the browser test of himoe view skips" >&2
+  fi
 fi
 echo "setup: ready; run $venv/bin/himoe --help" >&2

@@ -375,15 +375,17 @@ def read_config_unlocked(model_dir: Path) -> tuple[HiMoEConfig, list[str], int]:
 
 
 def load_model(model_dir: Path, device: str | torch.device = "cpu",
-               config: ModelConfig | None = None):
+               config: ModelConfig | None = None, settle: bool = True):
     """(model, cfg, vocab, step) from a modular checkpoint; nothing is unpickled. The lock
     keeps a concurrent save from replacing files half-way through the read. config: the
     settings to build the model with instead of the saved ones (a resumed run's flags),
-    with the saved shape (the weight files must fit it)."""
+    with the saved shape (the weight files must fit it). settle: first finish or discard a
+    save that a crash interrupted (False: a reader that must never write, `himoe view`)."""
     model_dir = Path(model_dir)
     check_is_model_dir(model_dir)
     with atomic_dir.locked(model_dir):
-        recover_locked(model_dir)
+        if settle:
+            recover_locked(model_dir)
         cfg, vocab, step = read_config_unlocked(model_dir)
         model = HiMoEModel(config if config is not None else cfg)
         try:

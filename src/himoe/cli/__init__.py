@@ -1,7 +1,7 @@
 """The `himoe` command line: prepare | train | generate | verify | bench | eval | analyze |
-experts | chat | export-hf | upcycle | merge, one module each. Building the parser imports only the
-standard library and himoe's config, so `himoe --help` starts fast; a command imports torch
-when it runs. Bad input exits 2 with one line."""
+experts | chat | export-hf | upcycle | merge | view, one module each. Building the parser
+imports only the standard library and himoe's config, so `himoe --help` starts fast; a
+command imports torch when it runs. Bad input exits 2 with one line."""
 
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ from himoe.cli import (
     train,
     upcycle,
     verify,
+    view,
 )
 from himoe.cli.options import Parser
 from himoe.errors import UserError
 
 COMMANDS = (prepare, train, generate, verify, bench, experts, analyze, eval, chat, export_hf,
-            upcycle, merge)
+            upcycle, merge, view)
 
 
 def build_parser() -> Parser:

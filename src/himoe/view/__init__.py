@@ -1,0 +1,1 @@
+"""`himoe view`: a local web page that shows where a trained model routes each token."""
