@@ -214,3 +214,34 @@ def test_the_page_in_a_real_browser(server, model_dir):
     generated = re.search(r'<div id="generated" class="tokens">(.*?)</div>', dom, re.S)
     assert generated and generated[1].count('class="tok"') == 6
     assert time.perf_counter() - started < 120
+
+
+def test_a_save_into_the_directory_does_not_disturb_the_page(tmp_path):
+    """The page serves the save it loaded: a run saving into the same directory meanwhile
+    (here a newer save of the same model) changes nothing it answers."""
+    cfg = tiny_config(n_embd=16, block_size=16, num_moes=3, num_experts=4, batch_size=4,
+                      max_iters=4, eval_interval=2, eval_iters=1,
+                      model_dir=str(tmp_path / "model"))
+    Trainer(cfg, out=io.StringIO()).train(stop_at=2)
+    viewer = view_server.Viewer(tmp_path / "model")
+    before = viewer.route("to be")
+    Trainer(cfg, out=io.StringIO(), resume=True).train()  # saves step 4 into the directory
+    assert checkpoint.read_config(tmp_path / "model")[2] == 4
+    assert viewer.summary()["step"] == 2 and viewer.route("to be") == before
+
+
+def test_the_analysis_tables_are_served_where_analyze_wrote_them(model_dir, tmp_path, capsys):
+    from tests.cli.test_bad_input import himoe
+
+    work = tmp_path / "model"
+    shutil.copytree(model_dir, work)
+    assert view_server.Viewer(work).summary()["analysis"] is None
+    (tmp_path / "a.txt").write_text("to be or not to be " * 20)
+    (tmp_path / "b.txt").write_text("the question whether " * 20)
+    code, _, err = himoe(["analyze", "--model_dir", work, "--domain", f"a={tmp_path / 'a.txt'}",
+                          "--domain", f"b={tmp_path / 'b.txt'}", "--no_plots"], capsys)
+    assert code == 0, err
+    analysis = view_server.Viewer(work).summary()["analysis"]
+    report = json.loads((work / "analysis" / "analysis.json").read_text())
+    assert analysis["domains"] == ["a", "b"]
+    assert analysis["layers"][0]["group_share"] == report["layers"][0]["group_share"]
