@@ -246,7 +246,7 @@ def heldout_dir(out: Path, data_file: str) -> Path:
     return target
 
 
-def heldout_loss(run_dir: Path, texts: Path) -> float:
+def heldout_loss(run_dir: Path, texts: Path | None) -> float:
     report = run_dir.parent / f"{run_dir.name}.heldout.json"
     if not report.exists():
         done = subprocess.run([sys.executable, "-m", "himoe", "eval", "--model_dir",
@@ -269,7 +269,7 @@ def curves(out: Path, data_file: str | None) -> dict[str, dict]:
         last = evaluations(run_dir)[-1]
         found["sampled"].setdefault(run.seed, {}).setdefault(run.side, {})[run.steps] = \
             last["val_loss"]
-        if texts is not None:
+        if texts is not None or (out / f"{run.name}.heldout.json").exists():  # kept reports
             found["heldout"].setdefault(run.seed, {}).setdefault(run.side, {})[run.steps] = \
                 heldout_loss(run_dir, texts)
         if last.get("layers"):
@@ -319,7 +319,8 @@ def cell(fig: dict, key: str, fmt: str = "{:.2f}x") -> str:
     value = fig.get(key)
     if value is not None:
         return fmt.format(value)
-    return fig.get(key + "_bound", "-") + ("x" if key + "_bound" in fig else "")
+    bound = fig.get(key + "_bound", "-")
+    return bound + "x" if bound[0] in "<>" else bound
 
 
 def markdown(result: dict) -> str:
