@@ -83,11 +83,11 @@ class Viewer:
         validation assignments, the dead ones and the tokens each reads most."""
         if self._experts is None:
             from himoe.analysis.domains import route_counts, top_tokens, windows
-            from himoe.cli.experts import validation_data
+            from himoe.data.validation import validation_split
             from himoe.training.evaluation import evaluate
 
             with self.lock:
-                val, path = validation_data(self.model_dir, self.cfg, self.vocab, self.data_file)
+                val, path, _ = validation_split(self.cfg, self.tokenizer, self.data_file)
                 device = next(self.model.parameters()).device
                 ev = evaluate(self.model, val, self.cfg, device, torch.float32)
                 ids = (val if torch.is_tensor(val) else val.tensor()).tolist()
