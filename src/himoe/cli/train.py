@@ -90,16 +90,21 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
 
     check_model_dir_flag(given.get("model_dir", HiMoEConfig.model_dir))
     saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
-    for name in SHAPE_FIELDS:
-        if name in given and given[name] != getattr(saved, name):
-            raise UserError(f"--{name} {given[name]} differs from the saved model's "
-                            f"{getattr(saved, name)}; drop the flag to resume, or train a new "
-                            "model in another --model_dir")
+    check_shape_flags(given, saved, "the saved model's",
+                      "drop the flag to resume, or train a new model in another --model_dir")
     from himoe.training.optim import check_router_lr_scale
 
     cfg = dataclasses.replace(saved, **given).validate()
     check_router_lr_scale(cfg, saved)
     return cfg
+
+
+def check_shape_flags(given: dict, saved: HiMoEConfig, whose: str, fix: str) -> None:
+    """A flag that fixes a weight's shape must agree with the saved model it continues."""
+    for name in SHAPE_FIELDS:
+        if name in given and given[name] != getattr(saved, name):
+            raise UserError(f"--{name} {given[name]} differs from {whose} "
+                            f"{getattr(saved, name)}; {fix}")
 
 
 def branch_config(source: Path, given: dict) -> HiMoEConfig:
@@ -112,11 +117,8 @@ def branch_config(source: Path, given: dict) -> HiMoEConfig:
         raise UserError("--preset sets up a new model's shape; --init_from takes the saved "
                         "model's, so drop --preset")
     saved, _, _ = read_config(source)
-    for name in SHAPE_FIELDS:
-        if name in given and given[name] != getattr(saved, name):
-            raise UserError(f"--{name} {given[name]} differs from {source}'s "
-                            f"{getattr(saved, name)}; --init_from keeps the saved model's "
-                            "shape, so drop the flag")
+    check_shape_flags(given, saved, f"{source}'s",
+                      "--init_from keeps the saved model's shape, so drop the flag")
     model = {f.name: getattr(saved, f.name) for f in dataclasses.fields(ModelConfig)}
     return dataclasses.replace(HiMoEConfig(), **model | given).validate()
 
