@@ -12,7 +12,12 @@ Every stage is a plain `himoe` command, one thread each, skipped when its output
 - merged:   himoe merge of the branches, then --resume on the mix (the MoE stage);
 - upcycled: himoe upcycle of the seed, then --resume on the mix for the branches' and the
             MoE stage's steps together;
-- scratch:  the default MoE, and dense, on the mix for every step of the merged pipeline.
+- scratch:  the default MoE, and dense, on the mix for every step of the merged pipeline;
+- added:    a fourth domain (C headers, by default Python's own) as a branch of the seed,
+            joined to a copy of the tuned merged model with `himoe merge --into`, then
+            --add_steps on the four-domain mix; beside it, a copy without the new group
+            tuned as long on the same mix, so that what the new group costs the other
+            domains is told apart from what the extra steps give them.
 
 So every model has trained on the same number of tokens (steps x batch), and every MoE has
 one level-1 group per domain (--num_experts experts each), as the merged model has. Each is scored
@@ -25,11 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 DOMAINS = ("code", "prose", "drama")
+ADDED = ("merged_plus_c", "merged_more")  # the models tuned on the four-domain mix
 
 
 def himoe(*args, threads: int = 1) -> None:
@@ -51,6 +59,24 @@ def domain_files(mix: Path, out: Path) -> dict[str, Path]:
         for d, f in files.items():
             f.write_text("".join(lines[d]), encoding="utf-8")
     return files
+
+
+def fourth_domain(folder: Path, out: Path, every: int = 8) -> tuple[Path, Path]:
+    """The domain added later: every `.h` file under folder, one document each, every
+    `every`-th held out. Returns (training JSON lines, held-out text)."""
+    train_file, heldout = out / "domains" / "c.jsonl", out / "domains" / "c.heldout.txt"
+    if not train_file.exists():
+        docs = [f.read_text(encoding="utf-8", errors="replace")
+                for f in sorted(folder.rglob("*.h"))]
+        if len(docs) < every:
+            sys.exit(f"error: {folder} has {len(docs)} .h files, the fourth domain needs at "
+                     f"least {every}; pass --fourth_dir a folder of C headers")
+        heldout.write_text("".join(d for i, d in enumerate(docs) if i % every == every - 1),
+                           encoding="utf-8")
+        train_file.write_text("".join(json.dumps({"domain": "c", "text": d}) + "\n"
+                                      for i, d in enumerate(docs) if i % every != every - 1),
+                              encoding="utf-8")
+    return train_file, heldout
 
 
 def trained(model_dir: Path, steps: int) -> bool:
@@ -95,20 +121,44 @@ def pipeline(args, files: dict[str, Path]) -> dict[str, Path]:
             "scratch_dense": out / "scratch_dense"}
 
 
-def scores(model_dir: Path, mix: Path) -> dict:
-    """Held-out loss per domain, and level-1 NMI per layer where the model has MoE layers."""
+def add_later(args, merged: Path, c_train: Path) -> dict[str, Path]:
+    """The fourth domain's branch joined to a copy of the merged model with --into, and the
+    control: a copy without it. Both go on --add_steps on the four-domain mix."""
+    out, mix = args.out, args.mix / "train.jsonl"
+    branch = out / "branch_c"
+    train(branch, args.branch_steps, "--init_from", out / "seed", "--data_file", c_train,
+          "--seed", args.seed, "--batch_size", args.batch_size)
+    mix4 = out / "domains" / "mix4.jsonl"
+    if not mix4.exists():
+        mix4.write_text(mix.read_text(encoding="utf-8") + c_train.read_text(encoding="utf-8"),
+                        encoding="utf-8")
+    models = {"merged_plus_c": out / "merged_plus_c", "merged_more": out / "merged_more"}
+    for name, model_dir in models.items():
+        if not (model_dir / "config.json").exists():
+            # the tuned merged model as it was, without what analyze wrote into it
+            shutil.copytree(merged, model_dir, ignore=shutil.ignore_patterns("analysis"))
+            if name == "merged_plus_c":
+                himoe("merge", "--into", model_dir, "--from", branch, "--corpus", mix,
+                      "--corpus", c_train)
+        train(model_dir, args.tune_steps + args.add_steps, "--data_file", mix4, resume=True)
+    return models
+
+
+def scores(model_dir: Path, heldout: dict[str, Path], routed: tuple[str, ...]) -> dict:
+    """Held-out loss on every domain of heldout ({domain: text file}), and level-1
+    NMI(domain; group) per layer over the routed domains where the model has MoE layers."""
     figures = {}
-    for d in DOMAINS:
+    for d, text in heldout.items():
         report = model_dir.parent / f"{model_dir.name}.{d}.json"
         if not report.exists():
-            himoe("eval", "--model_dir", model_dir, "--data_file", mix / "heldout" / f"{d}.txt",
-                  "--device", "cpu", "--json", report)
+            himoe("eval", "--model_dir", model_dir, "--data_file", text, "--device", "cpu",
+                  "--json", report)
         figures[d] = json.loads(report.read_text())["loss"]
     analysis = model_dir / "analysis" / "analysis.json"
     router = json.loads((model_dir / "config.json").read_text())["config"]["router"]
     if not analysis.exists() and router != "dense":
         himoe("analyze", "--model_dir", model_dir, "--no_plots",
-              *[x for d in DOMAINS for x in ("--domain", f"{d}={mix / 'heldout' / f'{d}.txt'}")])
+              *[x for d in routed for x in ("--domain", f"{d}={heldout[d]}")])
     if analysis.exists():
         figures["nmi_group"] = [x["nmi_group"] for x in json.loads(analysis.read_text())["layers"]]
     return figures
@@ -125,17 +175,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--num_experts", type=int, default=8, help="experts per level-1 group")
+    p.add_argument("--add_steps", type=int, default=200,
+                   help="steps on the four-domain mix after the fourth domain is added")
+    p.add_argument("--fourth_dir", type=Path, default=Path(sysconfig.get_paths()["include"]),
+                   help="C headers for the domain added later (default: Python's own)")
     p.add_argument("--shape", default="", help="backbone flags of the seed and the "
                    "from-scratch runs, e.g. '--n_layer 4 --n_embd 384' (default: himoe's)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     files = domain_files(args.mix, args.out)
-    results = {name: scores(path, args.mix) for name, path in pipeline(args, files).items()}
-    print("| model | " + " | ".join(DOMAINS) + " | level-1 NMI per layer |")
-    print("| --- |" + " --- |" * (len(DOMAINS) + 1))
+    c_train, c_heldout = fourth_domain(args.fourth_dir, args.out)
+    models = pipeline(args, files)
+    models |= add_later(args, models["merged"], c_train)
+    heldout = {d: args.mix / "heldout" / f"{d}.txt" for d in DOMAINS} | {"c": c_heldout}
+    results = {name: scores(path, heldout, DOMAINS + ("c",) if name in ADDED else DOMAINS)
+               for name, path in models.items()}
+    columns = (*DOMAINS, "c")
+    print("| model | " + " | ".join(columns) + " | level-1 NMI per layer |")
+    print("| --- |" + " --- |" * (len(columns) + 1))
     for name, fig in results.items():
         nmi = " / ".join(f"{x:.2f}" for x in fig.get("nmi_group", []) if x is not None) or "-"
-        print(f"| {name} | " + " | ".join(f"{fig[d]:.4f}" for d in DOMAINS) + f" | {nmi} |")
+        print(f"| {name} | " + " | ".join(f"{fig[d]:.4f}" for d in columns) + f" | {nmi} |")
+    plus, before, control = (results[n] for n in ("merged_plus_c", "merged", "merged_more"))
+    results["added_c"] = {  # positive: the loss went down
+        "gain_on_c": before["c"] - plus["c"],
+        "others_change": {d: before[d] - plus[d] for d in DOMAINS},
+        "others_change_against_control": {d: control[d] - plus[d] for d in DOMAINS}}
     (args.out / "merge_study.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

@@ -19,15 +19,27 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
     (mix / "train.jsonl").write_text("\n".join(lines) + "\n")
     for d, t in texts.items():
         (mix / "heldout" / f"{d}.txt").write_text(t * 20)
+    headers = tmp_path / "include"
+    headers.mkdir()
+    for i in range(8):
+        (headers / f"h{i}.h").write_text(f"#define N{i} {i}\nint f{i}(void);\n" * 20)
     assert study.main(["--mix", str(mix), "--out", str(tmp_path / "out"), "--seed_steps", "2",
                        "--branch_steps", "2", "--tune_steps", "2", "--batch_size", "2",
                        "--vocab_size", "300", "--num_experts", "2",
+                       "--add_steps", "2", "--fourth_dir", str(headers),
                        "--shape", "--n_embd 16 --n_head 2 --n_layer 1 --block_size 16"]) == 0
     results = json.loads((tmp_path / "out" / "merge_study.json").read_text())
-    assert set(results) == {"merged", "upcycled", "scratch_moe", "scratch_dense"}
+    added = results.pop("added_c")
+    assert set(results) == {"merged", "upcycled", "scratch_moe", "scratch_dense",
+                            "merged_plus_c", "merged_more"}
     for name, fig in results.items():
-        assert all(fig[d] > 0 for d in texts), name
+        assert all(fig[d] > 0 for d in [*texts, "c"]), name
         assert ("nmi_group" in fig) == (name != "scratch_dense")
+    assert added["gain_on_c"] == results["merged"]["c"] - results["merged_plus_c"]["c"]
     merged = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
     assert merged["step"] == 2 and merged["config"]["num_moes"] == 3
+    # the fourth domain joins as a fourth group; the control keeps three
+    for name, groups in (("merged_plus_c", 4), ("merged_more", 3)):
+        saved = json.loads((tmp_path / "out" / name / "config.json").read_text())
+        assert saved["step"] == 4 and saved["config"]["num_moes"] == groups, name
     assert "| merged |" in capsys.readouterr().out
