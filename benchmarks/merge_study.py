@@ -22,7 +22,8 @@ Every stage is a plain `himoe` command, one thread each, skipped when its output
 So every model has trained on the same number of tokens (steps x batch), and every MoE has
 one level-1 group per domain (--num_experts experts each), as the merged model has. Each is scored
 with `himoe eval` on every domain's held-out text and with `himoe analyze` (NMI of domain
-and level-1 group); the table goes to stdout and the figures to OUT/merge_study.json.
+and level-1 group); the table goes to stdout, the figures to OUT/merge_study.json and the
+validation curves to OUT/merge_curves.png.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import sysconfig
 from pathlib import Path
 
 DOMAINS = ("code", "prose", "drama")
+EVAL_EVERY = 100  # steps between the validation losses the curves are drawn from
 ADDED = ("merged_plus_c", "merged_more")  # the models tuned on the four-domain mix
 
 
@@ -87,7 +89,7 @@ def trained(model_dir: Path, steps: int) -> bool:
 def train(model_dir: Path, steps: int, *flags, resume: bool = False) -> None:
     if not trained(model_dir, steps):
         himoe("train", "--model_dir", model_dir, "--max_iters", steps, "--eval_interval",
-              steps, "--eval_iters", 10, "--sample_tokens", 10, "--device", "cpu",
+              min(EVAL_EVERY, steps), "--eval_iters", 10, "--sample_tokens", 10, "--device", "cpu",
               *(["--resume"] if resume else []), *flags)
 
 
@@ -164,6 +166,40 @@ def scores(model_dir: Path, heldout: dict[str, Path], routed: tuple[str, ...]) -
     return figures
 
 
+def curve(model_dir: Path, offset: int) -> tuple[list[int], list[float]]:
+    """(pipeline steps, validation loss) of one run's evaluations, its steps moved by offset."""
+    rows = [json.loads(x) for x in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "val_loss" in r]
+    return [offset + r["step"] for r in rows], [r["val_loss"] for r in rows]
+
+
+def plot(args, models: dict[str, Path], png: Path) -> None:
+    """Validation loss on the mix against the pipeline's training steps (all at one batch
+    size, so steps are tokens): the branches' steps come before the merged model's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = curve(args.out / "seed", 0)
+    branched = args.seed_steps + len(DOMAINS) * args.branch_steps
+    lines = {"seed (dense, on the mix)": seed,
+             "merged: after the branches": curve(models["merged"], branched),
+             "upcycled seed": curve(models["upcycled"], args.seed_steps),
+             "MoE from scratch": curve(models["scratch_moe"], 0),
+             "dense from scratch": curve(models["scratch_dense"], 0)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (x, y) in lines.items():
+        ax.plot(x, y, marker=".", label=label)
+    ax.axvspan(args.seed_steps, branched, color="0.92", label="branches train apart")
+    ax.set_xlabel(f"training steps of the whole pipeline (x {args.batch_size} sequences)")
+    ax.set_ylabel("validation loss on the mix (nats)")
+    ax.set_title(f"Branch, merge, tune against training on the mix (seed {args.seed})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mix", type=Path, required=True, help="what examples/mixed_domains.py wrote")
@@ -202,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "others_change": {d: before[d] - plus[d] for d in DOMAINS},
         "others_change_against_control": {d: control[d] - plus[d] for d in DOMAINS}}
     (args.out / "merge_study.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(args, models, args.out / "merge_curves.png")
     return 0
 
 

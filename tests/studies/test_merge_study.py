@@ -43,3 +43,4 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
         saved = json.loads((tmp_path / "out" / name / "config.json").read_text())
         assert saved["step"] == 4 and saved["config"]["num_moes"] == groups, name
     assert "| merged |" in capsys.readouterr().out
+    assert (tmp_path / "out" / "merge_curves.png").stat().st_size > 0
