@@ -38,10 +38,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+
+from himoe.bench.throughput import himoe_train_seconds
 
 SIDES = ("default", "dense")
 DEFAULT_STEPS = "1000,1500,2000,2500,3000"
@@ -129,37 +130,25 @@ def cmd_runs(args) -> int:
 
 
 # --- the step-time ratio ---
-def process_seconds(cmd: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
-def step_seconds(args, flags: list[str], tmp: Path) -> float:
+def step_seconds(args, flags: list[str]) -> float:
     """Seconds per step of `himoe train` as a user runs it: a long process minus a short
     one, so start-up, the first evaluation's set-up and the save cancel out."""
     short, long = args.process_steps
-    seconds = []
-    for steps in (long, short):
-        cmd = [sys.executable, "-m", "himoe", "train", "--model_dir", str(tmp / "m"),
-               "--data_file", args.data_file, "--max_iters", str(steps), "--eval_interval",
-               str(steps), "--eval_iters", "1", "--sample_tokens", "1", "--device", "cpu",
-               "--force", *flags]
-        seconds.append(process_seconds(cmd))
+    seconds = [himoe_train_seconds(["--data_file", args.data_file, *flags], steps)
+               for steps in (long, short)]
     return (seconds[0] - seconds[1]) / (long - short)
 
 
 def cmd_time(args) -> int:
     flags = side_flags(args)
     per_step = {side: [] for side in SIDES}
-    with tempfile.TemporaryDirectory(prefix="himoe-eff-") as tmp:
-        for side in SIDES:  # a warm-up pair, not counted
-            step_seconds(args, flags[side], Path(tmp))
-        for r in range(args.repeats):  # A B A B
-            for side in SIDES:
-                per_step[side].append(step_seconds(args, flags[side], Path(tmp)))
-            print(f"pair {r + 1}: {per_step['default'][-1] * 1e3:.0f} ms against "
-                  f"{per_step['dense'][-1] * 1e3:.0f} ms a step", flush=True)
+    for side in SIDES:  # a warm-up pair, not counted
+        step_seconds(args, flags[side])
+    for r in range(args.repeats):  # A B A B
+        for side in SIDES:
+            per_step[side].append(step_seconds(args, flags[side]))
+        print(f"pair {r + 1}: {per_step['default'][-1] * 1e3:.0f} ms against "
+              f"{per_step['dense'][-1] * 1e3:.0f} ms a step", flush=True)
     ratios = [a / b for a, b in zip(per_step["default"], per_step["dense"])]
     record = {"ratio_default_over_dense": ratios, "seconds_per_step": per_step,
               "process_steps": list(args.process_steps), "threads": os.cpu_count(),

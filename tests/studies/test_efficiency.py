@@ -85,7 +85,8 @@ def test_runs_time_and_report_end_to_end(tmp_path, monkeypatch, capsys):
     # `time`: each side's long process minus its short one, per step, A B A B.
     seconds = iter([9.0, 3.0, 9.0, 3.0] + [13.0, 3.0, 8.0, 3.0])  # warm-up pair, then 1 pair
     seen = []
-    monkeypatch.setattr(eff, "process_seconds", lambda cmd: seen.append(cmd) or next(seconds))
+    monkeypatch.setattr(eff, "himoe_train_seconds",
+                        lambda flags, steps: seen.append(flags) or next(seconds))
     assert eff.main(["time", *common, "--repeats", "1", "--process_steps", "1,3"]) == 0
     assert "--router" in seen[-1] and "--router" not in seen[-3]
     timing = json.loads((out / "step_time.json").read_text())

@@ -276,16 +276,21 @@ def bench_gpu(data, vocab_size, settings: Settings) -> Row:
 
 
 # --- whole training processes, as a user runs them ---
-def train_process_seconds(flags: list[str], steps: int, settings: Settings) -> float:
-    """Wall-clock seconds of one `himoe train --max_iters steps` process on Hamlet."""
-    sizes = [f"--{k}={v}" for k, v in settings.sizes.items()]
+def himoe_train_seconds(flags: list[str], steps: int) -> float:
+    """Wall-clock seconds of one `himoe train --max_iters steps` process with these flags
+    (one evaluation, at the end), in a model folder that goes away after."""
     with tempfile.TemporaryDirectory(prefix="himoe-bench-") as tmp:
         cmd = [sys.executable, "-m", "himoe", "train", "--max_iters", str(steps),
                "--eval_interval", str(steps), "--eval_iters", "1", "--sample_tokens", "1",
-               "--device", "cpu", "--model_dir", str(Path(tmp) / "m"), *sizes, *flags]
+               "--device", "cpu", "--model_dir", str(Path(tmp) / "m"), *flags]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - t0
+
+
+def train_process_seconds(flags: list[str], steps: int, settings: Settings) -> float:
+    """Wall-clock seconds of one such process on Hamlet at the bench's sizes."""
+    return himoe_train_seconds([f"--{k}={v}" for k, v in settings.sizes.items()] + flags, steps)
 
 
 def bench_train_processes(settings: Settings) -> list[Row]:
