@@ -24,6 +24,10 @@ one level-1 group per domain (--num_experts experts each), as the merged model h
 with `himoe eval` on every domain's held-out text and with `himoe analyze` (NMI of domain
 and level-1 group); the table goes to stdout, the figures to OUT/merge_study.json and the
 validation curves to OUT/merge_curves.png.
+
+    python benchmarks/merge_study.py report runs/merge/s1337 runs/merge/s1338
+
+prints one markdown table over the seeds' results.
 """
 
 from __future__ import annotations
@@ -163,7 +167,51 @@ def scores(model_dir: Path, heldout: dict[str, Path], routed: tuple[str, ...]) -
               *[x for d in routed for x in ("--domain", f"{d}={heldout[d]}")])
     if analysis.exists():
         figures["nmi_group"] = [x["nmi_group"] for x in json.loads(analysis.read_text())["layers"]]
+        last = [r for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())
+                if r.get("layers")][-1]  # the balance at the run's last evaluation
+        figures["balance"] = [{"cv": x["expert_cv"], "maxvio": x["expert_maxvio"],
+                               "dead": x["dead_experts"]} for x in last["layers"]]
     return figures
+
+
+def report(outs: list[Path]) -> str:
+    """One markdown table over several seeds' OUT/merge_study.json: every figure as the mean
+    over seeds and, in brackets, each seed's."""
+    runs = [json.loads((out / "merge_study.json").read_text()) for out in outs]
+
+    def cell(values: list[float], fmt: str = "{:.4f}") -> str:
+        each = ", ".join(fmt.format(v) for v in values)
+        return fmt.format(sum(values) / len(values)) + (f" ({each})" if len(values) > 1 else "")
+
+    def per_layer(values: list[list[float]], fmt: str) -> str:
+        return " / ".join(cell([v[i] for v in values], fmt) for i in range(len(values[0])))
+
+    columns = (*DOMAINS, "c")
+    lines = [f"Seeds: {', '.join(out.name for out in outs)}; held-out loss per domain (nats), "
+             "mean (each seed)", "",
+             "| model | " + " | ".join(columns) + " | level-1 NMI per layer | "
+             "expert load CV per layer | MaxVio per layer |",
+             "| --- |" + " --- |" * (len(columns) + 3)]
+    for name in (n for n in runs[0] if n != "added_c"):
+        figs = [r[name] for r in runs]
+        routed = "nmi_group" in figs[0]
+        extra = [per_layer([f["nmi_group"] for f in figs], "{:.2f}"),
+                 per_layer([[x["cv"] for x in f["balance"]] for f in figs], "{:.2f}"),
+                 per_layer([[x["maxvio"] for x in f["balance"]] for f in figs], "{:.2f}")] \
+            if routed else ["-"] * 3
+        lines.append(f"| {name} | " + " | ".join(cell([f[d] for f in figs]) for d in columns)
+                     + " | " + " | ".join(extra) + " |")
+    added = [r["added_c"] for r in runs]
+    lines += ["", "The fourth domain added with `merge --into` (nats; positive: the loss went "
+              "down):", "",
+              "| | c | " + " | ".join(DOMAINS) + " |", "| --- |" + " --- |" * (len(DOMAINS) + 1),
+              "| after against before | " + cell([a["gain_on_c"] for a in added], "{:+.4f}")
+              + " | " + " | ".join(cell([a["others_change"][d] for a in added], "{:+.4f}")
+                                   for d in DOMAINS) + " |",
+              "| after against the control | - | " + " | ".join(
+                  cell([a["others_change_against_control"][d] for a in added], "{:+.4f}")
+                  for d in DOMAINS) + " |"]
+    return "\n".join(lines) + "\n"
 
 
 def curve(model_dir: Path, offset: int) -> tuple[list[int], list[float]]:
@@ -201,6 +249,10 @@ def plot(args, models: dict[str, Path], png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # report OUT [OUT ...]: the seeds' table, from what they wrote
+        print(report([Path(x) for x in argv[1:]]), end="")
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mix", type=Path, required=True, help="what examples/mixed_domains.py wrote")
     p.add_argument("--out", type=Path, required=True)

@@ -44,3 +44,11 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
         assert saved["step"] == 4 and saved["config"]["num_moes"] == groups, name
     assert "| merged |" in capsys.readouterr().out
     assert (tmp_path / "out" / "merge_curves.png").stat().st_size > 0
+    # the report over seeds (here one, twice): every model a row, every MoE its balance
+    assert study.main(["report", str(tmp_path / "out"), str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    merged_row = next(x for x in table.splitlines() if x.startswith("| merged |"))
+    code = results["merged"]["code"]
+    assert f"{code:.4f} ({code:.4f}, {code:.4f})" in merged_row
+    assert results["merged"]["balance"][0]["dead"] >= 0
+    assert "| after against the control | - |" in table
