@@ -231,7 +231,8 @@ def plot(args, models: dict[str, Path], png: Path) -> None:
     seed = curve(args.out / "seed", 0)
     branched = args.seed_steps + len(DOMAINS) * args.branch_steps
     lines = {"seed (dense, on the mix)": seed,
-             "merged: after the branches": curve(models["merged"], branched),
+             # the branches trained on whole domains, the mix's validation documents too
+             "merged (its branches saw these documents)": curve(models["merged"], branched),
              "upcycled seed": curve(models["upcycled"], args.seed_steps),
              "MoE from scratch": curve(models["scratch_moe"], 0),
              "dense from scratch": curve(models["scratch_dense"], 0)}
