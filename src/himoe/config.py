@@ -92,6 +92,10 @@ class ModelConfig(_Section):
     zero_router_init: bool = setting(False, "hierarchical router: both levels' gate matrices "
                                      "start at zero (Shazeer et al.); --noisy_gating breaks "
                                      "the ties")
+    free_groups: bool = setting(False, "hierarchical router: level 1 unbalanced (no Switch "
+                                "term, no selection bias there), so groups keep the tokens "
+                                "that suit them, as a merged model's domain groups; level 2 "
+                                "stays balanced")
     inter_coef: float = setting(0.0, "Hi-MoE inter-group balancing R_inter (lambda2; paper: "
                                 "0.05)")
     intra_coef: float = setting(0.0, "Hi-MoE intra-group specialisation R_intra (lambda1; "

@@ -142,6 +142,43 @@ def test_two_level_switch_loss_balances_a_skewed_router():
     assert after["group_cv"] < before["group_cv"] and after["dead_experts"] == 0
 
 
+@pytest.mark.parametrize("balancer", ["switch", "bias"])
+def test_free_groups_balances_level_2_and_leaves_level_1_alone(balancer):
+    """free_groups (a merged model's domain groups): the balancing evens the experts
+    inside each group, and every token keeps the group it had."""
+    torch.manual_seed(3)
+    cfg = tiny_config(num_moes=2, num_experts=4, top_k_experts=1, free_groups=True,
+                      switch_coef=1.0 if balancer == "switch" else 0.0,
+                      bias_update_rate=1e-2 if balancer == "bias" else 0.0)
+    r = build_router(cfg).train()
+    x = torch.randn(512, cfg.n_embd)
+    x[:, 0] += 1.0
+    with torch.no_grad():  # the same skew as above: low-numbered groups and experts win
+        for p in r.parameters():
+            n = p.shape[-2]
+            p[..., 0] = torch.linspace(1.0, -1.0, n).view(*([1] * (p.dim() - 2)), n)
+
+    def within_group_cv(ids_TK):
+        counts_NM = torch.bincount(ids_TK.flatten(), minlength=8).view(2, 4).float()
+        share_NM = counts_NM / counts_NM.sum(1, keepdim=True)
+        return float((share_NM.std(1, unbiased=False) / share_NM.mean(1)).max())
+
+    before = r(x).ids_TK
+    opt = torch.optim.Adam(r.parameters(), lr=0.05)
+    for _ in range(300):
+        out = r(x)
+        if balancer == "switch":
+            opt.zero_grad()
+            out.aux["switch"].backward()
+            opt.step()
+        else:
+            r.update_balance_bias()
+    after = r(x).ids_TK
+    assert within_group_cv(before) > 1.0 and within_group_cv(after) < 0.4
+    assert torch.equal(before // 4, after // 4)  # each token's group, unchanged
+    assert torch.count_nonzero(r.group_bias_N) == 0
+
+
 def test_sequence_switch_loss_is_the_switch_loss_of_each_sequence_averaged():
     torch.manual_seed(0)
     p_TE = F.softmax(torch.randn(6 * 5, 8), -1)
