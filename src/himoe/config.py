@@ -92,10 +92,6 @@ class ModelConfig(_Section):
     zero_router_init: bool = setting(False, "hierarchical router: both levels' gate matrices "
                                      "start at zero (Shazeer et al.); --noisy_gating breaks "
                                      "the ties")
-    free_groups: bool = setting(False, "hierarchical router: level 1 unbalanced (no Switch "
-                                "term, no selection bias there), so groups keep the tokens "
-                                "that suit them, as a merged model's domain groups; level 2 "
-                                "stays balanced")
     inter_coef: float = setting(0.0, "Hi-MoE inter-group balancing R_inter (lambda2; paper: "
                                 "0.05)")
     intra_coef: float = setting(0.0, "Hi-MoE intra-group specialisation R_intra (lambda1; "
@@ -118,6 +114,10 @@ class ModelConfig(_Section):
     # Per layer, the expert count of every group once `himoe experts add` made them differ;
     # None: every group has num_experts. num_experts is then the largest group.
     group_experts: list[list[int]] | None = setting(None, "", shape=True, no_flag=True)
+    # The share of the tokens level-1 balancing aims each group at (the Switch term's and the
+    # selection bias's target); None: equal shares. `himoe merge` sets each branch's share
+    # of the corpora, so that balancing keeps domains of unequal size in their own groups.
+    group_shares: list[float] | None = setting(None, "", no_flag=True)
     # Per layer and group, where `himoe experts prune` moved each expert: position i holds
     # the index (1-based) now held by the expert that had index i + 1 before the first
     # prune, 0 where it was removed. None: never pruned.
@@ -421,6 +421,12 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
         problem = _group_experts_problem(cfg, flag)
         if problem is not None:
             return problem, "restore config.json"
+    if cfg.group_shares is not None and not (
+            router_spec(cfg.router).group_routers and len(cfg.group_shares) == cfg.num_moes
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                    and math.isfinite(x) for x in cfg.group_shares)):
+        return (f"group_shares must list a positive share for each of the {cfg.num_moes} "
+                "groups of a hierarchical model", "restore config.json")
     if cfg.expert_index_map is not None:
         problem = _expert_index_map_problem(cfg)
         if problem is not None:

@@ -76,6 +76,15 @@ def test_level_1_starts_by_domain(branches, capsys):
     assert len(shares) == 4 and all(s > 50 for s in shares), out  # better than a coin
 
 
+def test_level_1_balances_towards_each_branchs_share_of_the_corpora(branches, capsys):
+    (branches / "bbb.txt").write_text(DOMAIN_B * 3)
+    code, _, err = merge_cli(branches, capsys, "--force", "--corpus", branches / "a.txt",
+                             "--corpus", branches / "bbb.txt", out="m_shares")
+    assert code == 0, err
+    cfg = checkpoint.read_config(branches / "m_shares")[0]
+    assert cfg.group_shares == pytest.approx([1 / 4, 3 / 4], abs=0.01)
+
+
 def test_the_merged_model_verifies_resumes_and_generates(branches, capsys):
     code, _, err = merge_cli(branches, capsys, "--force", out="m2")
     assert code == 0, err
@@ -172,6 +181,7 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
     assert code == 0, err
     before = {p.relative_to(m): p.read_bytes() for p in m.rglob("*.pt")}
     old_state = torch.load(m / "train_state.pt", weights_only=True)
+    old_shares = checkpoint.read_config(m)[0].group_shares
     # A third domain: a branch of the same seed on the first domain's text again.
     cfg = tiny_config(**SMALL, router="dense", max_iters=4, eval_interval=4,
                       data_file=str(branches / "a.txt"), model_dir=str(tmp_path / "c"))
@@ -182,6 +192,11 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
     assert code == 0, err
     _, cfg_m, _, step = checkpoint.load_model(m)
     assert cfg_m.num_moes == 3 and step == 2
+    # Level-1 targets: the old groups keep their ratio and share the model's corpus (mix);
+    # the new one gets a.txt's share of the two corpora (a third of them, to rounding).
+    a, b, c = cfg_m.group_shares
+    assert a / b == pytest.approx(old_shares[0] / old_shares[1], rel=1e-4)
+    assert c == pytest.approx(1 / 3, abs=0.02) and a + b + c == pytest.approx(1.0)
     after = {p.relative_to(m): p.read_bytes() for p in m.rglob("*.pt")}
     changed = {str(rel) for rel in before if after[rel] != before[rel]}
     # Only each layer's level-1 router and the training state change; the rest is bytes.

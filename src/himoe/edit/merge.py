@@ -18,7 +18,12 @@ own corpus with `himoe train --init_from SEED`. In the merged model:
   tau is the mean squared distance of a token to its own corpus's mean (the nearest-mean
   rule without its per-branch constant, which the router has no bias to hold), so the
   level-1 probabilities stay soft enough to train. `merge` prints how many of each
-  branch's own tokens this sends to its group.
+  branch's own tokens this sends to its group;
+- when every group is a dense branch, level-1 balancing (the Switch term and the selection
+  bias) aims each group at its branch's share of the corpora's tokens (config.json's
+  group_shares), not at equal shares: the fine-tuning mix is their union, and domains of
+  unequal size would otherwise be pushed off their own groups. `--into` keeps the old
+  groups' ratio and gives the new one its corpus's share.
 The result is an ordinary model directory at step 0 (train_state.pt a new run's), so
 `himoe train --model_dir M --resume --data_file MIX --max_iters K` fine-tunes it on the mix.
 """
@@ -198,7 +203,8 @@ def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConf
 
 
 def corpus_batches(corpus_spec, tokenizer, cfg: HiMoEConfig, seed: int):
-    """CENTROID_BATCHES batches of a source's corpus (its training side), as a run draws."""
+    """CENTROID_BATCHES batches of a source's corpus (its training side), as a run draws,
+    and that side's token count."""
     corpus = open_corpus(corpus_spec)
     missing = unknown_chars(corpus, tokenizer)
     if missing:
@@ -207,7 +213,13 @@ def corpus_batches(corpus_spec, tokenizer, cfg: HiMoEConfig, seed: int):
     train, _ = token_splits(corpus, tokenizer, cfg.block_size)
     gen = torch.Generator().manual_seed(seed)
     return [get_batch(train, min(cfg.batch_size, 16), cfg.block_size, gen)[0]
-            for _ in range(CENTROID_BATCHES)]
+            for _ in range(CENTROID_BATCHES)], len(train)
+
+
+def token_shares(counts: list[float]) -> list[float]:
+    """Each group's share of the corpora's tokens (config.group_shares), rounded for
+    config.json."""
+    return [round(n / sum(counts), 6) for n in counts]
 
 
 def router_inputs(model: HiMoEModel, layer: int, batches) -> torch.Tensor:
@@ -284,12 +296,15 @@ def merge(paths: list[Path], model_dir: Path, given: dict, corpora: list[str] | 
         models = [checkpoint.load_model(s.path)[0] for s in sources]
         tokenizer = checkpoint.load_tokenizer(sources[0].path)
         model = merged_model(sources, models, cfg, noise, seed)
-        groups, g0 = {}, 0
+        groups, tokens, g0 = {}, {}, 0
         for i, s in enumerate(sources):
             if s.dense:
                 spec = corpora[i] if corpora is not None else s.cfg.data_file
-                groups[g0] = corpus_batches(spec, tokenizer, cfg, seed)
+                groups[g0], tokens[g0] = corpus_batches(spec, tokenizer, cfg, seed)
             g0 += s.groups
+        if len(tokens) == cfg.num_moes:  # every group a branch whose corpus is known
+            # (config.json's only: the router reads them in training, not here)
+            cfg = dataclasses.replace(cfg, group_shares=token_shares(list(tokens.values())))
         if len(groups) >= 2:  # one dense group alone has no direction to tell apart
             centroid_rows(model, groups)
         shares = own_group_share(model, groups) if groups else []
@@ -325,7 +340,12 @@ def merge_into(model_dir: Path, source_dir: Path, corpora: list[str] | None, noi
     if corpora is not None and len(corpora) != 2:
         raise UserError(f"--corpus was given {len(corpora)} times; with --into give two, the "
                         "model's corpus then the new branch's, or none")
-    new = dataclasses.replace(old, num_moes=old.num_moes + source.groups).validate()
+    # A new group's share until its corpus is counted (a hierarchical branch's never is):
+    # the old groups' mean.
+    provisional = None if old.group_shares is None else old.group_shares + [
+        sum(old.group_shares) / old.num_moes] * source.groups
+    new = dataclasses.replace(old, num_moes=old.num_moes + source.groups,
+                              group_shares=provisional).validate()
     if source.dense and source.cfg.ffn_hidden - new.shared_hidden != new.ffn_hidden:
         raise UserError(f"--from {source_dir}'s FFN leaves experts "
                         f"{source.cfg.ffn_hidden - new.shared_hidden} wide but {model_dir}'s "
@@ -352,8 +372,14 @@ def merge_into(model_dir: Path, source_dir: Path, corpora: list[str] | None, noi
     specs = corpora or [old.data_file, source.cfg.data_file]
     shares = ""
     if source.dense:
-        groups = {old.num_moes: corpus_batches(specs[1], tokenizer, new, seed)}
-        centroid_rows(model, groups, others=corpus_batches(specs[0], tokenizer, new, seed))
+        batches, branch_tokens = corpus_batches(specs[1], tokenizer, new, seed)
+        others, model_tokens = corpus_batches(specs[0], tokenizer, new, seed)
+        groups = {old.num_moes: batches}
+        if old.group_shares is not None:  # the old groups keep their ratios
+            new = dataclasses.replace(new, group_shares=token_shares(
+                [x * model_tokens / sum(old.group_shares) for x in old.group_shares]
+                + [branch_tokens]))
+        centroid_rows(model, groups, others=others)
         shares = "; level 1 sends the branch's own tokens to its group: " + ", ".join(
             f"layer {layer + 1} {row[0]:.0%}"
             for layer, row in enumerate(own_group_share(model, groups)))

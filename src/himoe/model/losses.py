@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 
 
-def switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+def switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,
+                target_E: torch.Tensor | None = None) -> torch.Tensor:
     """E * sum_i f_i * P_i: f_i = share of assignments (k per token) that went to expert i,
-    P_i = mean router probability of i. Equals 1 at perfect balance; gradient flows via P."""
+    P_i = mean router probability of i. Equals 1 at perfect balance; gradient flows via P.
+    target_E (shares summing to 1): sum_i f_i * P_i / t_i instead, which f = P = t
+    minimises (E * sum f P is its case t_i = 1 / E)."""
     E = probs_TE.shape[1]
     counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E).to(probs_TE.dtype)
-    f_E = counts_E / ids_TK.shape[0]
-    return E * (f_E * probs_TE.mean(0)).sum()
+    fp_E = counts_E / ids_TK.shape[0] * probs_TE.mean(0)
+    return E * fp_E.sum() if target_E is None else (fp_E / target_E).sum()
 
 
 def sequence_switch_loss(probs_TE: torch.Tensor, ids_TK: torch.Tensor,

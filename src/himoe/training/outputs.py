@@ -30,8 +30,14 @@ def routing_schedule(cfg: HiMoEConfig) -> str:
         stage2.append(f"R_intra {cfg.intra_coef}{ramp}")
     if not stage1 and not stage2:
         return ""
+    target = ""
+    if cfg.group_shares and (cfg.bias_update_rate or cfg.switch_coef):
+        total = sum(cfg.group_shares)
+        target = ("\nlevel-1 balance aims at group shares " +
+                  " / ".join(f"{x / total:.0%}" for x in cfg.group_shares))
     return (f"routing stage 1 (selection): {'; '.join(stage1) or 'none'}\n"
-            f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}")
+            f"routing stage 2 (loss, {cfg.reg_form} form): {'; '.join(stage2) or 'none'}"
+            f"{target}")
 
 
 def write_sample(model: HiMoEModel, tokenizer, cfg: HiMoEConfig,

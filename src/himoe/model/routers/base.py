@@ -41,10 +41,17 @@ def hi_moe_terms(cfg: ModelConfig, probs_TE: torch.Tensor, intra_scale: float) -
 
 
 def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float,
-                mask_RC: torch.Tensor | None = None) -> None:
+                mask_RC: torch.Tensor | None = None,
+                target_RC: torch.Tensor | None = None) -> None:
     """Loss-free balancing (DeepSeek-V3): b += rate * sign(mean(c) - c) along each row of
     candidates that compete with each other, then centred so only differences matter.
-    mask_RC: the real candidates of ragged rows; empty slots keep bias 0."""
+    mask_RC: the real candidates of ragged rows; empty slots keep bias 0. target_RC: each
+    candidate's share of its row (summing to 1), aimed at instead of the mean."""
+    if target_RC is not None:
+        expected_RC = counts_RC.sum(-1, keepdim=True) * target_RC
+        bias_RC += rate * torch.sign(expected_RC - counts_RC)
+        bias_RC -= bias_RC.mean(-1, keepdim=True)
+        return
     if mask_RC is None:
         bias_RC += rate * torch.sign(counts_RC.mean(-1, keepdim=True) - counts_RC)
         bias_RC -= bias_RC.mean(-1, keepdim=True)

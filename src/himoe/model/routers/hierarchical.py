@@ -39,6 +39,12 @@ class HierarchicalRouter(nn.Module):
         self.register_buffer("slot_mask_NM", torch.arange(cfg.num_experts) < sizes_N[:, None],
                              persistent=False)
         self.ragged = min(cfg.group_sizes(layer)) < cfg.num_experts  # no tensor read: may be meta
+        # The level-1 load that balancing aims at: cfg.group_shares (merge: the branches'
+        # shares of the corpora), or None for equal shares.
+        shares_N = torch.tensor(cfg.group_shares, dtype=torch.float32) \
+            if cfg.group_shares else None
+        self.register_buffer("group_target_N", None if shares_N is None
+                             else shares_N / shares_N.sum(), persistent=False)
 
     def forward(self, x_TD: torch.Tensor, seq_len: int = 0) -> Routing:
         """seq_len: tokens per sequence (x_TD is sequences back to back), for the
@@ -72,13 +78,12 @@ class HierarchicalRouter(nn.Module):
         ids_TK = (g_TG.unsqueeze(-1) * M + j_TGJ).flatten(1)
         weights_TK = (p1_TG.unsqueeze(-1) * p2_TGJ).flatten(1)
         if self.training and cfg.bias_update_rate:
-            if not cfg.free_groups:
-                self.group_counts_N += torch.bincount(g_TG.reshape(-1), minlength=N)
+            self.group_counts_N += torch.bincount(g_TG.reshape(-1), minlength=N)
             self.expert_counts_E += torch.bincount(ids_TK.reshape(-1), minlength=N * M)
         aux = {}
         if cfg.switch_coef:
             aux["switch"] = cfg.switch_coef * two_level_switch_loss(
-                p1_TN, g_TG, p2_TGM, j_TGJ, self.group_sizes_N, level1=not cfg.free_groups)
+                p1_TN, g_TG, p2_TGM, j_TGJ, self.group_sizes_N, self.group_target_N)
         if cfg.importance_coef:
             importance_E = torch.zeros(N * M, dtype=weights_TK.dtype, device=x_TD.device)
             importance_E = importance_E.index_add(0, ids_TK.reshape(-1), weights_TK.reshape(-1))
@@ -112,11 +117,13 @@ class HierarchicalRouter(nn.Module):
 
     @torch.no_grad()
     def update_balance_bias(self, rate_scale: float = 1.0) -> None:
-        """After an optimiser step: favour groups (unless free_groups), and experts within
-        each group, that got less than their share of the step's assignments."""
+        """After an optimiser step: favour groups (towards cfg.group_shares, if set), and
+        experts within each group, that got less than their share of the step's
+        assignments."""
         rate, M = self.cfg.bias_update_rate * rate_scale, self.cfg.num_experts
-        if not self.cfg.free_groups:
-            sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate)
+        sign_update(self.group_bias_N.view(1, -1), self.group_counts_N.view(1, -1), rate,
+                    target_RC=None if self.group_target_N is None
+                    else self.group_target_N.view(1, -1))
         sign_update(self.expert_bias_E.view(-1, M), self.expert_counts_E.view(-1, M), rate,
                     self.slot_mask_NM if self.ragged else None)
         self.group_counts_N.zero_()
@@ -146,10 +153,11 @@ def two_level_load(cfg: ModelConfig, logits1_TN, noisy1_TN, g_TG, logits2_TGM,
 
 
 def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N,
-                          level1: bool = True) -> torch.Tensor:
-    """Switch loss at both levels: N * sum_g f_g P_g over groups (unless level1 is False),
-    plus for each group M_g * sum_j f_{j|g} P_{j|g} over the tokens that reached it,
-    weighted by its share (M_g = sizes_N[g], its expert count)."""
+                          target_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch loss at both levels: N * sum_g f_g P_g over groups (with target_N,
+    switch_loss's form that aims at those shares), plus for each group
+    M_g * sum_j f_{j|g} P_{j|g} over the tokens that reached it, weighted by its share
+    (M_g = sizes_N[g], its expert count)."""
     N, M = p1_TN.shape[1], p2_TGM.shape[2]
     group_S = g_TG.reshape(-1)  # one row per (token, chosen group)
     p2_SM = p2_TGM.reshape(-1, M)
@@ -163,5 +171,5 @@ def two_level_switch_loss(p1_TN, g_TG, p2_TGM, j_TGJ, sizes_N,
     f_NM = picks_NM / (n_safe_N * j_TGJ.shape[-1]).unsqueeze(-1)
     P_NM = prob_sum_NM / n_safe_N.unsqueeze(-1)
     share_N = n_N / n_N.sum()
-    level2 = (share_N * sizes_N * (f_NM * P_NM).sum(-1)).sum()
-    return level2 + losses.switch_loss(p1_TN, g_TG) if level1 else level2
+    return losses.switch_loss(p1_TN, g_TG, target_N) + (
+        share_N * sizes_N * (f_NM * P_NM).sum(-1)).sum()

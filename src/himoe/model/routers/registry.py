@@ -36,7 +36,7 @@ FLAT_LEVERS = (("switch_coef", 0.01), ("bias_update_rate", 1e-3))
 # Settings that only some router types read; a type names those it reads in `options`, and
 # a run that sets one its router does not read is refused.
 ROUTER_OPTIONS = ("seq_switch_coef", "router_jitter", "noisy_gating", "importance_coef",
-                  "load_coef", "zero_router_init", "free_groups")
+                  "load_coef", "zero_router_init")
 
 
 def _top_k(cfg: ModelConfig) -> int:
