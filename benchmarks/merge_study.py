@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -170,8 +171,19 @@ def scores(model_dir: Path, heldout: dict[str, Path], routed: tuple[str, ...]) -
         last = [r for r in map(json.loads, (model_dir / "metrics.jsonl").read_text().splitlines())
                 if r.get("layers")][-1]  # the balance at the run's last evaluation
         figures["balance"] = [{"cv": x["expert_cv"], "maxvio": x["expert_maxvio"],
-                               "dead": x["dead_experts"]} for x in last["layers"]]
+                               "within_cv": within_group_cv(x), "dead": x["dead_experts"]}
+                              for x in last["layers"]]
     return figures
+
+
+def within_group_cv(layer: dict) -> float:
+    """The largest expert-load CV inside one group: what level-2 balancing evens out. The
+    load across groups follows level 1's targets (merge's group_shares), which the CV over
+    all experts counts as imbalance."""
+    shares, sizes = layer["expert_share"], layer["group_sizes"]
+    M = len(shares) // len(sizes)
+    rows = [shares[g * M:g * M + n] for g, n in enumerate(sizes)]
+    return max(statistics.pstdev(r) / statistics.fmean(r) if sum(r) else 0.0 for r in rows)
 
 
 def report(outs: list[Path]) -> str:
@@ -190,15 +202,16 @@ def report(outs: list[Path]) -> str:
     lines = [f"Seeds: {', '.join(out.name for out in outs)}; held-out loss per domain (nats), "
              "mean (each seed)", "",
              "| model | " + " | ".join(columns) + " | level-1 NMI per layer | "
-             "expert load CV per layer | MaxVio per layer |",
-             "| --- |" + " --- |" * (len(columns) + 3)]
+             "expert load CV per layer | MaxVio per layer | largest CV within a group |",
+             "| --- |" + " --- |" * (len(columns) + 4)]
     for name in (n for n in runs[0] if n != "added_c"):
         figs = [r[name] for r in runs]
         routed = "nmi_group" in figs[0]
         extra = [per_layer([f["nmi_group"] for f in figs], "{:.2f}"),
                  per_layer([[x["cv"] for x in f["balance"]] for f in figs], "{:.2f}"),
-                 per_layer([[x["maxvio"] for x in f["balance"]] for f in figs], "{:.2f}")] \
-            if routed else ["-"] * 3
+                 per_layer([[x["maxvio"] for x in f["balance"]] for f in figs], "{:.2f}"),
+                 per_layer([[x["within_cv"] for x in f["balance"]] for f in figs], "{:.2f}")] \
+            if routed else ["-"] * 4
         lines.append(f"| {name} | " + " | ".join(cell([f[d] for f in figs]) for d in columns)
                      + " | " + " | ".join(extra) + " |")
     added = [r["added_c"] for r in runs]

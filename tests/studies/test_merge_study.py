@@ -51,4 +51,13 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
     code = results["merged"]["code"]
     assert f"{code:.4f} ({code:.4f}, {code:.4f})" in merged_row
     assert results["merged"]["balance"][0]["dead"] >= 0
+    assert merged["config"]["group_shares"] and "largest CV within a group" in table
     assert "| after against the control | - |" in table
+
+
+def test_within_group_cv_by_hand():
+    study = load_benchmark("merge_study")
+    layer = {"expert_share": [0.1, 0.3, 0.3, 0.3], "group_sizes": [2, 2]}
+    assert study.within_group_cv(layer) == pytest.approx(0.5)  # [0.1, 0.3]: std 0.1, mean 0.2
+    ragged = {"expert_share": [0.4, 0.0, 0.3, 0.3], "group_sizes": [1, 2]}
+    assert study.within_group_cv(ragged) == 0.0  # the empty slot is no expert
