@@ -46,14 +46,12 @@ def sign_update(bias_RC: torch.Tensor, counts_RC: torch.Tensor, rate: float,
     """Loss-free balancing (DeepSeek-V3): b += rate * sign(mean(c) - c) along each row of
     candidates that compete with each other, then centred so only differences matter.
     mask_RC: the real candidates of ragged rows; empty slots keep bias 0. target_RC: each
-    candidate's share of its row (summing to 1), aimed at instead of the mean."""
-    if target_RC is not None:
-        expected_RC = counts_RC.sum(-1, keepdim=True) * target_RC
-        bias_RC += rate * torch.sign(expected_RC - counts_RC)
-        bias_RC -= bias_RC.mean(-1, keepdim=True)
-        return
+    candidate's share of its row (summing to 1; rows without a mask), aimed at instead of
+    the mean."""
     if mask_RC is None:
-        bias_RC += rate * torch.sign(counts_RC.mean(-1, keepdim=True) - counts_RC)
+        expected_RC = (counts_RC.mean(-1, keepdim=True) if target_RC is None
+                       else counts_RC.sum(-1, keepdim=True) * target_RC)
+        bias_RC += rate * torch.sign(expected_RC - counts_RC)
         bias_RC -= bias_RC.mean(-1, keepdim=True)
         return
     m_RC = mask_RC.to(bias_RC.dtype)
