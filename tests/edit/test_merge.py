@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import shutil
 import subprocess
 import sys
 
@@ -73,7 +74,9 @@ def test_level_1_starts_by_domain(branches, capsys):
     assert code == 0, err
     shares = [float(x.rstrip("%,")) for x in out.split("to its group: ")[1].split(".")[0]
               .replace("layer 1 ", "").replace("layer 2 ", "").replace("/", " ").split()]
-    assert len(shares) == 4 and all(s > 50 for s in shares), out  # better than a coin
+    # The domains differ in their letters, not in spaces, dots and newlines (a fifth of
+    # the tokens): the fitted level 1 sends most of each home (84-88% as written).
+    assert len(shares) == 4 and all(s >= 75 for s in shares), out
 
 
 def test_level_1_balances_towards_each_branchs_share_of_the_corpora(branches, capsys):
@@ -180,6 +183,7 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
                          capsys)
     assert code == 0, err
     before = {p.relative_to(m): p.read_bytes() for p in m.rglob("*.pt")}
+    shutil.copytree(m, branches / "m3_before", dirs_exist_ok=True)
     old_state = torch.load(m / "train_state.pt", weights_only=True)
     old_shares = checkpoint.read_config(m)[0].group_shares
     # A third domain: a branch of the same seed on the first domain's text again.
@@ -190,8 +194,13 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
     code, out, err = himoe(["merge", "--into", m, "--from", tmp_path / "c", "--corpus",
                             branches / "mix.txt", "--corpus", branches / "a.txt"], capsys)
     assert code == 0, err
-    _, cfg_m, _, step = checkpoint.load_model(m)
+    grown_model, cfg_m, _, step = checkpoint.load_model(m)
     assert cfg_m.num_moes == 3 and step == 2
+    old_model = checkpoint.load_model(branches / "m3_before")[0]
+    for layer in range(cfg_m.n_layer):  # the fit sets the new group's row only
+        r = card_layout.moe_key(layer, "router.main_weight_ND")
+        assert torch.equal(grown_model.state_dict()[r][:2], old_model.state_dict()[r])
+    assert "level 1 sends the branch's own tokens to its group" in out
     # Level-1 targets: the old groups keep their ratio and share the model's corpus (mix);
     # the new one gets a.txt's share of the two corpora (a third of them, to rounding).
     a, b, c = cfg_m.group_shares
@@ -229,3 +238,18 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
 def test_bad_into_is_one_line(branches, capsys, argv, needle):
     code, _, err = himoe(["merge", *argv(branches)], capsys)
     assert_one_line_error(code, err, needle)
+
+
+def test_fitted_rows_minimise_the_penalised_cross_entropy():
+    from himoe.edit.merge import FIT_L2, fitted_rows
+    gen = torch.Generator().manual_seed(0)
+    centres_GD = torch.randn(3, 8, generator=gen) * 2
+    y_T = torch.arange(3).repeat_interleave(200)
+    x_TD = centres_GD[y_T] + torch.randn(600, 8, generator=gen)
+    w_ND = torch.randn(3, 8, generator=gen)  # row 0 is held, rows 1 and 2 are fitted
+    rows = fitted_rows(w_ND, [1, 2], x_TD, y_T).requires_grad_()
+    w = torch.cat([w_ND[:1], rows])
+    value = torch.nn.functional.cross_entropy(x_TD @ w.t(), y_T) + FIT_L2 * (rows ** 2).sum()
+    value.backward()
+    assert rows.grad.norm() < 1e-4  # a stationary point of a convex objective: its minimum
+    assert ((x_TD @ w.t()).argmax(1) == y_T).float().mean() > 0.8

