@@ -244,12 +244,14 @@ def test_fitted_rows_minimise_the_penalised_cross_entropy():
     from himoe.edit.merge import FIT_L2, fitted_rows
     gen = torch.Generator().manual_seed(0)
     centres_GD = torch.randn(3, 8, generator=gen) * 2
-    y_T = torch.arange(3).repeat_interleave(200)
-    x_TD = centres_GD[y_T] + torch.randn(600, 8, generator=gen)
+    y_T = torch.cat([torch.full((n,), g) for g, n in enumerate((200, 400, 50))])
+    x_TD = centres_GD[y_T] + torch.randn(len(y_T), 8, generator=gen)
     w_ND = torch.randn(3, 8, generator=gen)  # row 0 is held, rows 1 and 2 are fitted
     rows = fitted_rows(w_ND, [1, 2], x_TD, y_T).requires_grad_()
     w = torch.cat([w_ND[:1], rows])
-    value = torch.nn.functional.cross_entropy(x_TD @ w.t(), y_T) + FIT_L2 * (rows ** 2).sum()
+    # every label's tokens weigh the same in all: 200, 400 and 50 tokens
+    per_token_T = torch.nn.functional.cross_entropy(x_TD @ w.t(), y_T, reduction="none")
+    value = sum(per_token_T[y_T == g].mean() for g in range(3)) / 3 + FIT_L2 * (rows ** 2).sum()
     value.backward()
     assert rows.grad.norm() < 1e-4  # a stationary point of a convex objective: its minimum
     assert ((x_TD @ w.t()).argmax(1) == y_T).float().mean() > 0.8

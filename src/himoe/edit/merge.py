@@ -14,10 +14,11 @@ own corpus with `himoe train --init_from SEED`. In the merged model:
 - the level-1 rows of the dense sources' groups are fitted so that level 1 sends each
   branch's domain to its group: per layer (in order, through the merged model itself, so
   each router sees what it will route), a softmax regression without bias (the router has
-  none) of the group on that layer's router input over each branch's own corpus, with a
-  small L2 penalty that keeps the rows finite where domains separate. On the merge study's
-  three domains it routes held-out tokens to their own groups with NMI 0.63 / 0.67 at
-  step 0, where the difference of each branch's mean hidden state gave 0.50 / 0.46.
+  none) of the group on that layer's router input over each branch's own corpus, each
+  group's tokens weighing the same, with a small L2 penalty that keeps the rows finite
+  where domains separate. On the merge study's three domains it routes held-out tokens to
+  their own groups with NMI 0.63 / 0.67 at step 0, where the difference of each branch's
+  mean hidden state gave 0.50 / 0.46.
   `merge` prints how many of each branch's own tokens this sends to its group;
 - when every group is a dense branch, level-1 balancing (the Switch term and the selection
   bias) aims each group at its branch's share of the corpora's tokens (config.json's
@@ -262,8 +263,12 @@ def fit_level1_rows(model: HiMoEModel, groups: dict[int, list], others: list | N
 
 def fitted_rows(w_ND: torch.Tensor, free: list[int], x_TD: torch.Tensor,
                 y_T: torch.Tensor) -> torch.Tensor:
-    """The rows `free` of w_ND (the others held) that minimise the mean cross-entropy of
-    softmax(x_TD @ w.T) against the labels y_T, plus FIT_L2 times their squared norm."""
+    """The rows `free` of w_ND (the others held) that minimise the cross-entropy of
+    softmax(x_TD @ w.T) against the labels y_T, each label's tokens weighing the same in all
+    (a small domain's tokens count as much as a large one's), plus FIT_L2 times the rows'
+    squared norm."""
+    counts_N = torch.bincount(y_T, minlength=len(w_ND)).float()
+    weight_N = torch.where(counts_N > 0, len(y_T) / (counts_N * (counts_N > 0).sum()), 0.0)
     rows_FD = torch.zeros(len(free), w_ND.shape[1], requires_grad=True)
     fit = torch.optim.LBFGS([rows_FD], max_iter=FIT_ITERS, line_search_fn="strong_wolfe")
     index = (torch.tensor(free),)
@@ -271,7 +276,7 @@ def fitted_rows(w_ND: torch.Tensor, free: list[int], x_TD: torch.Tensor,
     def loss():
         fit.zero_grad()
         w = w_ND.index_put(index, rows_FD)
-        value = F.cross_entropy(x_TD @ w.t(), y_T) + FIT_L2 * (rows_FD ** 2).sum()
+        value = F.cross_entropy(x_TD @ w.t(), y_T, weight_N) + FIT_L2 * (rows_FD ** 2).sum()
         value.backward()
         return value
 
