@@ -18,7 +18,8 @@ own corpus with `himoe train --init_from SEED`. In the merged model:
   group's tokens weighing the same, with a small L2 penalty that keeps the rows finite
   where domains separate. On the merge study's three domains it routes held-out tokens to
   their own groups with NMI 0.68 / 0.71 at step 0 (seed 1337), where each row along the
-  branch's mean hidden state gave 0.55 / 0.53. `merge` prints how many of each branch's own tokens this sends to its group;
+  branch's mean hidden state gave 0.55 / 0.53. `merge` prints how many of each branch's
+  own tokens this sends to its group;
 - when every group is a dense branch, level-1 balancing (the Switch term and the selection
   bias) aims each group at its branch's share of the corpora's tokens (config.json's
   group_shares), not at equal shares: the fine-tuning mix is their union, and domains of
