@@ -271,6 +271,9 @@ def curves(out: Path, data_file: str | None) -> dict[str, dict]:
 
 def cmd_report(args) -> int:
     out = Path(args.out)
+    if not (out / "step_time.json").exists():
+        sys.exit(f"no step_time.json in {out}: time the two sides first with "
+                 f"`python benchmarks/efficiency.py time --out {out}`")
     timing = json.loads((out / "step_time.json").read_text(encoding="utf-8"))
     ratios = timing["ratio_default_over_dense"]
     ratio = statistics.median(ratios)
