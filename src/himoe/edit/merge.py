@@ -249,8 +249,9 @@ def fit_level1_rows(model: HiMoEModel, groups: dict[int, list], others: list | N
     for layer in range(model.cfg.n_layer):
         router = model.blocks[layer].ffn.router
         w_ND = router.main_weight_ND.detach().clone()
-        x_TD = torch.cat([router_inputs(model, layer, b) for b in groups.values()])
-        y_T = torch.cat([torch.full((len(b) * b[0].numel(),), g) for g, b in groups.items()])
+        seen = {g: router_inputs(model, layer, b) for g, b in groups.items()}
+        x_TD = torch.cat(list(seen.values()))
+        y_T = torch.cat([torch.full((len(h_TD),), g) for g, h_TD in seen.items()])
         if others:
             h_TD = router_inputs(model, layer, others)
             old_N = torch.ones(len(w_ND), dtype=torch.bool)
