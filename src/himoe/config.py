@@ -221,6 +221,10 @@ class TrainConfig(_Section):
     # resume (cli.train refuses it).
     router_lr_scale: float = setting(1.0, "the routers' learning rate as a multiple of --lr, "
                                      "through the same warm-up and decay")
+    # Each routed expert learns from a fraction of the tokens, so it may want its own rate.
+    expert_lr_scale: float = setting(1.0, "the routed experts' learning rate as a multiple "
+                                     "of --lr (shared experts excluded), through the same "
+                                     "warm-up and decay")
     # The initial weights, the batch order and dropout: kept on resume like the rest.
     seed: int = setting(1337, "random seed")
     # What the model was trained on: recorded, so `himoe experts` and `himoe analyze` find it.
@@ -328,7 +332,7 @@ UPPER = LIMITS | {name: STEP_LIMIT for name in ("max_iters", "eval_interval", "e
 RATES = ("lr", "dropout", "weight_decay", "grad_clip", "min_lr_ratio", "capacity_factor",
          "switch_coef", "z_coef", "inter_coef", "intra_coef", "bias_tau", "ema_beta",
          "router_temp", "bias_update_rate", "seq_switch_coef", "router_jitter", "noisy_gating",
-         "importance_coef", "load_coef", "router_lr_scale")
+         "importance_coef", "load_coef", "router_lr_scale", "expert_lr_scale")
 _FIELDS = dataclasses.fields(HiMoEConfig)
 FLAG_NAMES = {f.name: f.metadata["flag"] for f in _FIELDS if "flag" in f.metadata}
 CHOICES = {f.name: f.metadata["choices"] for f in _FIELDS if "choices" in f.metadata}
@@ -397,7 +401,7 @@ def _first_problem(cfg: HiMoEConfig, flag) -> tuple[str, str] | None:
     if not 0.0 <= cfg.shared_fraction < 1.0:
         return (f"{flag('shared_fraction')} must be in [0, 1) (the shared expert's share of the "
                 f"active FFN width), got {cfg.shared_fraction}", "pass e.g. 0.5, or 0 for none")
-    for name, example in (("lr", "2e-3"), ("router_lr_scale", "1")):
+    for name, example in (("lr", "2e-3"), ("router_lr_scale", "1"), ("expert_lr_scale", "1")):
         if getattr(cfg, name) == 0:
             return f"{flag(name)} must be greater than 0", f"pass e.g. {example}"
     for name in ROUTER_OPTIONS:

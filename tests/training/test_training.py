@@ -178,31 +178,37 @@ def test_a_config_json_without_a_bias_schedule_keeps_the_constant_step_it_traine
     assert HiMoEConfig.from_dict(saved).bias_rate_schedule == "constant"
 
 
-def test_router_lr_scale_moves_only_the_routers_faster(tmp_path):
-    """One AdamW step from the same weights and batch: at router_lr_scale 3 each router
-    weight moves 3x as far as at 1 (Adam's first step is about lr * sign(grad), decay
-    aside), every other parameter exactly as far; at 1 the optimiser keeps its two groups."""
+@pytest.mark.parametrize("tag,setting,marker", [("routers", "router_lr_scale", ".router."),
+                                                ("experts", "expert_lr_scale", ".experts.")])
+def test_lr_scale_moves_only_its_part_faster(tmp_path, tag, setting, marker):
+    """One AdamW step from the same weights and batch: at scale 3 each weight of the part
+    (routers, routed experts) moves 3x as far as at 1 (Adam's first step is about lr *
+    sign(grad), decay aside), every other parameter exactly as far; at 1 the optimiser
+    keeps its two groups, at 3 the part's weights are in groups of their own."""
     moved = {}
     for scale in (1.0, 3.0):
-        trainer = Trainer(run_cfg(tmp_path, f"s{scale}", router_lr_scale=scale,
-                                  weight_decay=0.0))
+        trainer = Trainer(run_cfg(tmp_path, f"s{scale}", weight_decay=0.0, **{setting: scale}))
         groups = trainer.optimizer.param_groups
-        assert len(groups) == (2 if scale == 1 else 3)
+        own = {id(p) for group in groups if group.get(tag) for p in group["params"]}
+        part = {id(p) for n, p in trainer.model.named_parameters() if marker in f".{n}"}
+        assert (len(groups), own) == ((2, set()) if scale == 1 else (len(groups), part))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
         trainer.train(stop_at=1)
         moved[scale] = {n: (p.detach() - before[n]).abs().sum()
                         for n, p in trainer.model.named_parameters()}
+    assert any(marker in f".{name}" for name in moved[3.0])
     for name, far in moved[3.0].items():
-        if ".router." in name:
+        if marker in f".{name}":
             torch.testing.assert_close(far, 3 * moved[1.0][name], rtol=1e-3, atol=0)
         else:
             assert torch.equal(far, moved[1.0][name]), name
 
 
-def test_resume_with_router_lr_scale_equals_an_uninterrupted_run(tmp_path):
-    straight = Trainer(run_cfg(tmp_path, "a", router_lr_scale=0.5)).train()
-    Trainer(run_cfg(tmp_path, "b", router_lr_scale=0.5)).train(stop_at=5)
-    resumed = Trainer(run_cfg(tmp_path, "b", router_lr_scale=0.5), resume=True).train()
+@pytest.mark.parametrize("setting", ["router_lr_scale", "expert_lr_scale"])
+def test_resume_with_an_lr_scale_equals_an_uninterrupted_run(tmp_path, setting):
+    straight = Trainer(run_cfg(tmp_path, "a", **{setting: 0.5})).train()
+    Trainer(run_cfg(tmp_path, "b", **{setting: 0.5})).train(stop_at=5)
+    resumed = Trainer(run_cfg(tmp_path, "b", **{setting: 0.5}), resume=True).train()
     assert straight.train_losses[5:] == resumed.train_losses
 
 
@@ -220,3 +226,5 @@ def test_resume_refuses_to_move_router_lr_scale_to_or_from_1(tmp_path):
     # The Python API gets the same one line, not torch's error about parameter groups.
     with pytest.raises(UserError, match="--router_lr_scale 2 cannot resume a run trained at 1"):
         Trainer(run_cfg(tmp_path, "m", router_lr_scale=2.0), resume=True)
+    with pytest.raises(UserError, match="--expert_lr_scale 3 cannot resume a run trained at 1"):
+        Trainer(run_cfg(tmp_path, "m", expert_lr_scale=3.0), resume=True)

@@ -92,10 +92,10 @@ def config_from_args(args: argparse.Namespace, resume: bool) -> HiMoEConfig:
     saved, _, _ = read_config(Path(given.get("model_dir", HiMoEConfig.model_dir)))
     check_shape_flags(given, saved, "the saved model's",
                       "drop the flag to resume, or train a new model in another --model_dir")
-    from himoe.training.optim import check_router_lr_scale
+    from himoe.training.optim import check_lr_scales
 
     cfg = dataclasses.replace(saved, **given).validate()
-    check_router_lr_scale(cfg, saved)
+    check_lr_scales(cfg, saved)
     return cfg
 
 

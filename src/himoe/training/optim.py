@@ -10,25 +10,28 @@ from himoe.config import TrainConfig
 from himoe.errors import UserError
 from himoe.model.grad_sink import grad_parts
 
+# Parts of the model that may learn at their own multiple of the schedule's rate: the tag
+# on their AdamW parameter groups, the setting that scales them, and how their names show.
+SCALED_PARTS = (("routers", "router_lr_scale", ".router."),
+                ("experts", "expert_lr_scale", ".experts."))
+
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Weight decay on matrices (embeddings, attention, routers, stacked experts); none on
-    biases and LayerNorms. The tied embedding is one parameter and is listed once. With
-    router_lr_scale other than 1 the routers' parameters get their own two groups, tagged
-    "routers" (set_scheduled_lr scales their rate)."""
-    own_groups = cfg.router_lr_scale != 1
-    decay, no_decay, router_decay, router_no_decay = [], [], [], []
+    biases and LayerNorms. The tied embedding is one parameter and is listed once. A part
+    whose lr scale is not 1 (the routers, the routed experts) gets its own two groups,
+    tagged with its name (set_scheduled_lr scales their rate); the routers' groups come
+    first, so an optimiser state saved before the experts' option existed still loads."""
+    buckets: dict[tuple[str | None, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():  # already skips the tied copy
-        router = own_groups and ".router." in f".{name}"
-        if p.dim() >= 2:
-            (router_decay if router else decay).append(p)
-        else:
-            (router_no_decay if router else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups += [{"params": params, "weight_decay": wd, "routers": True}
-               for params, wd in ((router_decay, cfg.weight_decay), (router_no_decay, 0.0))
-               if params]
+        buckets.setdefault((scaled_part(name, cfg), p.dim() >= 2), []).append(p)
+    groups = []
+    for tag in (None, *(tag for tag, _, _ in SCALED_PARTS)):
+        for decays in (True, False):
+            params = buckets.get((tag, decays), [])
+            if tag is None or params:
+                group = {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0}
+                groups.append(group | ({tag: True} if tag else {}))
     try:
         # The fused kernel makes one pass over each tensor: on a CPU it is ~5x faster than
         # the default loop, which matters when 50M expert weights are updated every step.
@@ -37,24 +40,36 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def check_router_lr_scale(cfg: TrainConfig, saved: TrainConfig) -> None:
-    """A resumed run keeps the optimiser grouping it was saved with: router_lr_scale 1 keeps
-    the routers in AdamW's main parameter groups, any other value in their own, and the
-    saved state only loads into the grouping it came from."""
-    scale, saved_scale = cfg.router_lr_scale, saved.router_lr_scale
-    if (scale == 1) != (saved_scale == 1):
-        fix = "a value other than 1" if saved_scale != 1 else "1"
-        raise UserError(f"--router_lr_scale {scale:g} cannot resume a run trained at "
-                        f"{saved_scale:g}: the saved optimiser state is grouped for {fix}; "
-                        f"pass {fix}, or drop the flag")
+def scaled_part(name: str, cfg: TrainConfig) -> str | None:
+    """The tag of the scaled part a parameter belongs to, or None for the main groups."""
+    for tag, setting, marker in SCALED_PARTS:
+        if getattr(cfg, setting) != 1 and marker in f".{name}":
+            return tag
+    return None
+
+
+def check_lr_scales(cfg: TrainConfig, saved: TrainConfig) -> None:
+    """A resumed run keeps the optimiser grouping it was saved with: a part at lr scale 1
+    stays in AdamW's main parameter groups, at any other value in its own, and the saved
+    state only loads into the grouping it came from."""
+    for _, setting, _ in SCALED_PARTS:
+        scale, saved_scale = getattr(cfg, setting), getattr(saved, setting)
+        if (scale == 1) != (saved_scale == 1):
+            fix = "a value other than 1" if saved_scale != 1 else "1"
+            raise UserError(f"--{setting} {scale:g} cannot resume a run trained at "
+                            f"{saved_scale:g}: the saved optimiser state is grouped for "
+                            f"{fix}; pass {fix}, or drop the flag")
 
 
 def set_scheduled_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Every parameter group at the schedule's rate for `step`, the routers' groups times
-    router_lr_scale; returns the schedule's rate."""
+    """Every parameter group at the schedule's rate for `step`, a scaled part's groups
+    times its scale; returns the schedule's rate."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr * cfg.router_lr_scale if group.get("routers") else lr
+        group["lr"] = lr
+        for tag, setting, _ in SCALED_PARTS:
+            if group.get(tag):
+                group["lr"] = lr * getattr(cfg, setting)
     return lr
 
 

@@ -39,7 +39,7 @@ from himoe.training.memory import check_training_fits
 from himoe.training.optim import (
     bias_rate_at,
     build_optimizer,
-    check_router_lr_scale,
+    check_lr_scales,
     set_scheduled_lr,
 )
 from himoe.training.outputs import routing_schedule, write_sample
@@ -79,7 +79,7 @@ def resumed_start(cfg: HiMoEConfig, corpus: Corpus | PreparedCorpus, model_dir: 
     """The saved tokenizer and weights, with the settings of this run (its flags may change
     the routing losses, never the shapes)."""
     saved, vocab, step = checkpoint.read_config(model_dir)
-    check_router_lr_scale(cfg, saved)  # before torch's own error about the optimiser groups
+    check_lr_scales(cfg, saved)  # before torch's own error about the optimiser groups
     tokenizer = tokenizer_for(saved, vocab, model_dir)
     missing = unknown_chars(corpus, tokenizer)
     if missing:
