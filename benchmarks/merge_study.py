@@ -15,9 +15,11 @@ Every stage is a plain `himoe` command, one thread each, skipped when its output
 - scratch:  the default MoE, and dense, on the mix for every step of the merged pipeline;
 - added:    a fourth domain (C headers, by default Python's own) as a branch of the seed,
             joined to a copy of the tuned merged model with `himoe merge --into`, then
-            --add_steps on the four-domain mix; beside it, a copy without the new group
-            tuned as long on the same mix, so that what the new group costs the other
-            domains is told apart from what the extra steps give them.
+            --add_steps on the four-domain mix; beside it two controls tuned as long: a
+            copy without the new group on the same four-domain mix, so that what the new
+            group costs the other domains is told apart from what the extra steps and C's
+            tokens give them, and a copy on the three-domain mix alone, the same steps
+            without the fourth domain at all.
 
 So every model has trained on the same number of tokens (steps x batch), and every MoE has
 one level-1 group per domain (--num_experts experts each), as the merged model has. Each is scored
@@ -28,6 +30,12 @@ validation curves to OUT/merge_curves.png.
     python benchmarks/merge_study.py report runs/merge/s1337 runs/merge/s1338
 
 prints one markdown table over the seeds' results.
+
+    python benchmarks/merge_study.py closed --mix mix runs/merge/s1337
+
+scores merged_plus_c on the three first domains with the added group closed at level 1 (its
+selection bias -inf) in each set of layers, to OUT/closed_group.json: what the old domains'
+tokens that the new group takes get from it.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from pathlib import Path
 
 DOMAINS = ("code", "prose", "drama")
 EVAL_EVERY = 100  # steps between the validation losses the curves are drawn from
-ADDED = ("merged_plus_c", "merged_more")  # the models tuned on the four-domain mix
+ADDED = ("merged_plus_c", "merged_more", "merged_more_old_mix")  # tuned after the merge
 
 
 def himoe(*args, threads: int = 1) -> None:
@@ -130,7 +138,8 @@ def pipeline(args, files: dict[str, Path]) -> dict[str, Path]:
 
 def add_later(args, merged: Path, c_train: Path) -> dict[str, Path]:
     """The fourth domain's branch joined to a copy of the merged model with --into, and the
-    control: a copy without it. Both go on --add_steps on the four-domain mix."""
+    controls: copies without it. All go on --add_steps, on the four-domain mix but for
+    merged_more_old_mix, which stays on the three domains' mix."""
     out, mix = args.out, args.mix / "train.jsonl"
     branch = out / "branch_c"
     train(branch, args.branch_steps, "--init_from", out / "seed", "--data_file", c_train,
@@ -139,7 +148,7 @@ def add_later(args, merged: Path, c_train: Path) -> dict[str, Path]:
     if not mix4.exists():
         mix4.write_text(mix.read_text(encoding="utf-8") + c_train.read_text(encoding="utf-8"),
                         encoding="utf-8")
-    models = {"merged_plus_c": out / "merged_plus_c", "merged_more": out / "merged_more"}
+    models = {name: out / name for name in ADDED}
     for name, model_dir in models.items():
         if not (model_dir / "config.json").exists():
             # the tuned merged model as it was, without what analyze wrote into it
@@ -147,7 +156,8 @@ def add_later(args, merged: Path, c_train: Path) -> dict[str, Path]:
             if name == "merged_plus_c":
                 himoe("merge", "--into", model_dir, "--from", branch, "--corpus", mix,
                       "--corpus", c_train)
-        train(model_dir, args.tune_steps + args.add_steps, "--data_file", mix4, resume=True)
+        train(model_dir, args.tune_steps + args.add_steps, "--data_file",
+              mix if name == "merged_more_old_mix" else mix4, resume=True)
     return models
 
 
@@ -221,10 +231,42 @@ def report(outs: list[Path]) -> str:
               "| after against before | " + cell([a["gain_on_c"] for a in added], "{:+.4f}")
               + " | " + " | ".join(cell([a["others_change"][d] for a in added], "{:+.4f}")
                                    for d in DOMAINS) + " |",
-              "| after against the control | - | " + " | ".join(
-                  cell([a["others_change_against_control"][d] for a in added], "{:+.4f}")
-                  for d in DOMAINS) + " |"]
+              "| after against the control on the four domains (merged_more) | - | "
+              + " | ".join(cell([a["others_change_against_control"][d] for a in added],
+                                "{:+.4f}") for d in DOMAINS) + " |",
+              "| after against the same steps on the three domains (merged_more_old_mix) | - | "
+              + " | ".join(cell([a["others_change_against_old_mix"][d] for a in added],
+                                "{:+.4f}") for d in DOMAINS) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def closed_group(mix: Path, out: Path) -> dict:
+    """Held-out loss of merged_plus_c on each first domain with the last level-1 group (the
+    one --into added) closed in no layer, in each layer alone, and in every layer."""
+    import torch
+
+    from himoe.checkpoint.card import load_model
+    from himoe.data.corpora import open_corpus
+    from himoe.data.tokenizers import tokenizer_for
+    from himoe.eval.perplexity import evaluate_text
+
+    model_dir = out / "merged_plus_c"
+    model, cfg, vocab, _ = load_model(model_dir)
+    tokenizer = tokenizer_for(cfg, vocab, model_dir)
+    biases_N = [block.ffn.router.group_bias_N for block in model.blocks]
+    kept = [b_N.clone() for b_N in biases_N]
+    layers = range(len(biases_N))
+    figures = {}
+    for closed in [(), *((i,) for i in layers), *([tuple(layers)] if len(layers) > 1 else [])]:
+        for i, b_N in enumerate(biases_N):
+            b_N.copy_(kept[i])
+            if i in closed:
+                b_N[-1] = float("-inf")  # never among the top groups; weights never see it
+        figures["closed in " + (", ".join(f"layer {i + 1}" for i in closed) or "none")] = {
+            d: evaluate_text(model, tokenizer, open_corpus(str(mix / "heldout" / f"{d}.txt")),
+                             16, torch.device("cpu"), torch.float32)["loss"] for d in DOMAINS}
+    (out / "closed_group.json").write_text(json.dumps(figures, indent=1) + "\n")
+    return figures
 
 
 def curve(model_dir: Path, offset: int) -> tuple[list[int], list[float]]:
@@ -267,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["report"]:  # report OUT [OUT ...]: the seeds' table, from what they wrote
         print(report([Path(x) for x in argv[1:]]), end="")
         return 0
+    if argv[:1] == ["closed"]:  # closed --mix MIX OUT
+        p = argparse.ArgumentParser(description="the added group closed at level 1")
+        p.add_argument("--mix", type=Path, required=True)
+        p.add_argument("out", type=Path)
+        args = p.parse_args(argv[1:])
+        for name, losses in closed_group(args.mix, args.out).items():
+            print(f"{name}: " + ", ".join(f"{d} {x:.4f}" for d, x in losses.items()))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mix", type=Path, required=True, help="what examples/mixed_domains.py wrote")
     p.add_argument("--out", type=Path, required=True)
@@ -298,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, fig in results.items():
         nmi = " / ".join(f"{x:.2f}" for x in fig.get("nmi_group", []) if x is not None) or "-"
         print(f"| {name} | " + " | ".join(f"{fig[d]:.4f}" for d in columns) + f" | {nmi} |")
-    plus, before, control = (results[n] for n in ("merged_plus_c", "merged", "merged_more"))
+    plus, before, control, old_mix = (results[n] for n in ("merged_plus_c", "merged",
+                                                           "merged_more", "merged_more_old_mix"))
     results["added_c"] = {  # positive: the loss went down
         "gain_on_c": before["c"] - plus["c"],
         "others_change": {d: before[d] - plus[d] for d in DOMAINS},
-        "others_change_against_control": {d: control[d] - plus[d] for d in DOMAINS}}
+        "others_change_against_control": {d: control[d] - plus[d] for d in DOMAINS},
+        "others_change_against_old_mix": {d: old_mix[d] - plus[d] for d in DOMAINS}}
     (args.out / "merge_study.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(args, models, args.out / "merge_curves.png")
     return 0

@@ -31,17 +31,23 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "merge_study.json").read_text())
     added = results.pop("added_c")
     assert set(results) == {"merged", "upcycled", "scratch_moe", "scratch_dense",
-                            "merged_plus_c", "merged_more"}
+                            "merged_plus_c", "merged_more", "merged_more_old_mix"}
     for name, fig in results.items():
         assert all(fig[d] > 0 for d in [*texts, "c"]), name
         assert ("nmi_group" in fig) == (name != "scratch_dense")
     assert added["gain_on_c"] == results["merged"]["c"] - results["merged_plus_c"]["c"]
+    assert added["others_change_against_old_mix"]["prose"] == \
+        results["merged_more_old_mix"]["prose"] - results["merged_plus_c"]["prose"]
     merged = json.loads((tmp_path / "out" / "merged" / "config.json").read_text())
     assert merged["step"] == 2 and merged["config"]["num_moes"] == 3
-    # the fourth domain joins as a fourth group; the control keeps three
-    for name, groups in (("merged_plus_c", 4), ("merged_more", 3)):
+    # the fourth domain joins as a fourth group; the controls keep three, and one of them
+    # goes on without the fourth domain's text
+    for name, groups, corpus in (("merged_plus_c", 4, "mix4.jsonl"),
+                                 ("merged_more", 3, "mix4.jsonl"),
+                                 ("merged_more_old_mix", 3, "train.jsonl")):
         saved = json.loads((tmp_path / "out" / name / "config.json").read_text())
         assert saved["step"] == 4 and saved["config"]["num_moes"] == groups, name
+        assert saved["config"]["data_file"].endswith(corpus), name
     assert "| merged |" in capsys.readouterr().out
     assert (tmp_path / "out" / "merge_curves.png").stat().st_size > 0
     # the report over seeds (here one, twice): every model a row, every MoE its balance
@@ -52,7 +58,15 @@ def test_the_study_runs_every_stage_and_scores_every_model(tmp_path, capsys):
     assert f"{code:.4f} ({code:.4f}, {code:.4f})" in merged_row
     assert results["merged"]["balance"][0]["dead"] >= 0
     assert merged["config"]["group_shares"] and "largest CV within a group" in table
-    assert "| after against the control | - |" in table
+    assert "| after against the control on the four domains (merged_more) | - |" in table
+    assert "| after against the same steps on the three domains" in table
+    # the added group closed at level 1: closed nowhere is the model as `himoe eval` saw it
+    assert study.main(["closed", "--mix", str(mix), str(tmp_path / "out")]) == 0
+    closed = json.loads((tmp_path / "out" / "closed_group.json").read_text())
+    assert list(closed) == ["closed in none", "closed in layer 1"]  # one layer: no "every"
+    for d in texts:
+        assert closed["closed in none"][d] == pytest.approx(results["merged_plus_c"][d],
+                                                            rel=1e-5)
 
 
 def test_within_group_cv_by_hand():
