@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from himoe.checkpoint import atomic_dir, card_layout
 from himoe.checkpoint import card as checkpoint
 from himoe.edit.upcycle import dense_parts
 from himoe.training.trainer import Trainer
+from tests.checkpoint.test_crash_safety import ROOT, STAGING, kill, staging_has_files, wait_for
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
 
@@ -227,6 +229,49 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
                           branches / "mix.txt", "--max_iters", "4", "--eval_interval", "2"],
                          capsys)
     assert code == 0, err
+
+
+def files_of(model_dir):
+    return {p.relative_to(model_dir): p.read_bytes() for p in model_dir.rglob("*")
+            if p.is_file() and STAGING not in p.parts}
+
+
+@pytest.mark.slow  # four processes that import torch
+def test_sigkill_leaves_nothing_half_written(branches, tmp_path, capsys):
+    """`merge` killed inside its save's writes leaves no model in --model_dir; `merge
+    --into` killed there leaves the model byte for byte as it was; killed after the commit
+    point, the next reader completes either save."""
+    out = tmp_path / "m"
+    staging = out / STAGING
+    began, committed = (lambda: staging_has_files(staging),
+                        lambda: (staging / "manifest.json").exists())
+
+    def killed_at(point, *argv):
+        """`himoe merge argv` killed once point() holds; what verify then says."""
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{atomic_dir.SLOW_SAVE_ENV: "0.02"})
+        proc = subprocess.Popen([sys.executable, "-m", "himoe", "merge", *map(str, argv)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(proc, point, "the save to begin" if point is began else "the commit point")
+        kill(proc)
+        return himoe(["verify", "--model_dir", out], capsys)
+
+    new = ("--from", branches / "a", "--from", branches / "b", "--model_dir", out)
+    code, _, err = killed_at(began, *new)
+    assert "discarded an interrupted save" in err, err
+    assert not (out / "manifest.json").exists() and not (out / "config.json").exists()
+    code, _, err = killed_at(committed, *new)
+    assert code == 0 and "completed an interrupted save" in err, err
+    assert checkpoint.read_config(out)[0].num_moes == 2
+    before = files_of(out)
+    into = ("--into", out, "--from", branches / "b", "--corpus", branches / "mix.txt",
+            "--corpus", branches / "b.txt")
+    code, _, err = killed_at(began, *into)
+    assert code == 0 and "discarded an interrupted save" in err, err
+    assert files_of(out) == before
+    code, _, err = killed_at(committed, *into)
+    assert code == 0 and "completed an interrupted save" in err, err
+    assert checkpoint.read_config(out)[0].num_moes == 3
 
 
 @pytest.mark.parametrize("argv, needle", [
