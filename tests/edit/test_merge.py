@@ -14,7 +14,14 @@ from himoe.checkpoint import atomic_dir, card_layout
 from himoe.checkpoint import card as checkpoint
 from himoe.edit.upcycle import dense_parts
 from himoe.training.trainer import Trainer
-from tests.checkpoint.test_crash_safety import ROOT, STAGING, kill, staging_has_files, wait_for
+from tests.checkpoint.test_crash_safety import (
+    ROOT,
+    STAGING,
+    digests,
+    kill,
+    staging_has_files,
+    wait_for,
+)
 from tests.cli.test_bad_input import assert_one_line_error, himoe
 from tests.conftest import tiny_config
 
@@ -231,11 +238,6 @@ def test_into_adds_a_branch_and_keeps_every_other_file(branches, tmp_path, capsy
     assert code == 0, err
 
 
-def files_of(model_dir):
-    return {p.relative_to(model_dir): p.read_bytes() for p in model_dir.rglob("*")
-            if p.is_file() and STAGING not in p.parts}
-
-
 @pytest.mark.slow  # four processes that import torch
 def test_sigkill_leaves_nothing_half_written(branches, tmp_path, capsys):
     """`merge` killed inside its save's writes leaves no model in --model_dir; `merge
@@ -263,12 +265,12 @@ def test_sigkill_leaves_nothing_half_written(branches, tmp_path, capsys):
     code, _, err = killed_at(committed, *new)
     assert code == 0 and "completed an interrupted save" in err, err
     assert checkpoint.read_config(out)[0].num_moes == 2
-    before = files_of(out)
+    before = digests(out)
     into = ("--into", out, "--from", branches / "b", "--corpus", branches / "mix.txt",
             "--corpus", branches / "b.txt")
     code, _, err = killed_at(began, *into)
     assert code == 0 and "discarded an interrupted save" in err, err
-    assert files_of(out) == before
+    assert digests(out) == before
     code, _, err = killed_at(committed, *into)
     assert code == 0 and "completed an interrupted save" in err, err
     assert checkpoint.read_config(out)[0].num_moes == 3
