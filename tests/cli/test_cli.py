@@ -1,6 +1,7 @@
 """End to end, as a user runs it: `himoe train`, `train_himoe.py`, `--resume`, `generate`."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def test_train_writes_everything_the_card_promises(n_layer, tmp_path):
             "--model_dir", str(model_dir))
     assert r.returncode == 0, r.stderr
     assert "parameters:" in r.stdout and "active per token" in r.stdout
+    steps = re.search(r"steps: 20 of 128 tokens, ([\d.]+) passes over the ([\d,]+) training",
+                      r.stdout)
+    assert float(steps[1]) == pytest.approx(20 * 128 / int(steps[2].replace(",", "")), abs=0.05)
     assert "Expert utilisation" in r.stdout and "moe_expert_003" in r.stdout
     outputs = {"sample.txt", "routing_log.json", "metrics.jsonl", "train_state.pt",
                "loss_curves.png", "expert_load.png", ".himoe-lock"}  # the writer lock's file

@@ -219,6 +219,11 @@ class Trainer:
                     f"{str(self.dtype).removeprefix('torch.')}")
         self._print(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per "
                     f"token ({active / total:.1%})")
+        # Repeated text is where a MoE over-fits before its dense-equivalent (docs/efficiency.md)
+        step_tokens = cfg.batch_size * cfg.block_size
+        self._print(f"steps: {cfg.max_iters:,} of {step_tokens:,} tokens, "
+                    f"{cfg.max_iters * step_tokens / len(self.train_data):.1f} passes over the "
+                    f"{len(self.train_data):,} training tokens")
         schedule = routing_schedule(cfg)
         if schedule:
             self._print(schedule)
