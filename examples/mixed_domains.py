@@ -15,7 +15,9 @@ analysis by domain (MiniMoE's "expert shares by prompt type"):
 
 `mix/train.jsonl` holds every training document as {"domain": ..., "text": ...}; the held-out
 documents of each domain (every `--heldout_every`-th, so none of them is trained on) go to
-`mix/heldout/DOMAIN.txt`, the texts `himoe analyze` routes. Each domain is capped at
+`mix/heldout/DOMAIN.txt`, the texts `himoe analyze` routes; the first training documents of
+each domain (up to --trained_sample_chars) go to `mix/trained/DOMAIN.txt`, so that `himoe eval`
+on both shows how much a model over-fits each domain. Each domain is capped at
 --domain_mb so that no domain dominates the mix (the prose has about 0.45 MB in all).
 The result depends only on the Python version and the Shakespeare folder: files are taken in
 sorted order, with no randomness.
@@ -79,6 +81,8 @@ def main() -> None:
     ap.add_argument("--domain_mb", type=float, default=1.5,
                     help="characters per domain, in millions, at most")
     ap.add_argument("--heldout_every", type=int, default=8)
+    ap.add_argument("--trained_sample_chars", type=int, default=200_000,
+                    help="characters of each domain's training text for mix/trained/")
     args = ap.parse_args()
     domains = {"code": code_documents(), "prose": prose_documents(),
                "drama": drama_documents(args.shakespeare)}
@@ -87,6 +91,9 @@ def main() -> None:
         train, heldout = split(docs, int(args.domain_mb * 1e6), args.heldout_every)
         lines += [json.dumps({"domain": name, "text": doc}) + "\n" for doc in train]
         write_atomically(args.out / "heldout" / f"{name}.txt", "\n\n".join(heldout) + "\n")
+        # an `every` past the last document holds none out: the first ones up to the cap
+        sample, _ = split(train, args.trained_sample_chars, every=len(train) + 1)
+        write_atomically(args.out / "trained" / f"{name}.txt", "\n\n".join(sample) + "\n")
         sizes[name] = (len(train), sum(map(len, train)), len(heldout), sum(map(len, heldout)))
     write_atomically(args.out / "train.jsonl", "".join(lines))
     print("domain  train docs  train chars  held-out docs  held-out chars")
