@@ -12,8 +12,9 @@ and .run views.
 Help text lives beside each field (metadata "help"); `himoe train` builds its flags from
 it. The defaults are the card's, but for its routing: the card's literal routing (no
 balancing, one full-width routed expert) collapses onto one expert, so the default takes
-two narrower experts of the chosen group beside a shared expert of a quarter of the active
-width, with the two-level Switch loss and the loss-free bias (docs/routing_study.md);
+two narrower experts of the chosen group beside a shared expert of half the active width,
+with the two-level Switch loss and the loss-free bias (docs/routing_study.md,
+docs/efficiency.md);
 `--preset himoe-card` restores the card's routing exactly.
 """
 
@@ -105,7 +106,7 @@ class ModelConfig(_Section):
                                 "to sum to 1 (MiniMoE)")
     bias_update_rate: float = setting(1e-3, "loss-free balancing: selection-bias step per "
                                       "optimiser step (DeepSeek-V3: 1e-3; 0 = off)")
-    shared_fraction: float = setting(0.25, "share of the active FFN width (ffn_mult * n_embd) "
+    shared_fraction: float = setting(0.5, "share of the active FFN width (ffn_mult * n_embd) "
                                      "given to a shared expert that every token runs beside "
                                      "its routed ones (0: none)", shape=True)
     expert_hidden: int = setting(0, "routed expert width (0: what the shared expert leaves "

@@ -123,6 +123,13 @@ def test_grad_accum_equals_one_batch(tmp_path):
     assert accum.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
     a, b = (load_model(tmp_path / d)[0].state_dict() for d in "ab")
     for key in a:
+        if key.endswith("attn.qkv.bias"):
+            # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift
+            # every key shares), so AdamW scales its rounding noise, of either sign, up to
+            # ~1e-6 whatever the batching: the query and value biases are held to the rest.
+            keys = slice(cfg.n_embd, 2 * cfg.n_embd)
+            torch.testing.assert_close(b[key][keys], a[key][keys], rtol=0, atol=1e-5, msg=key)
+            b[key][keys] = a[key][keys]
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 

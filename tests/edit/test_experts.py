@@ -21,10 +21,12 @@ EXPERT = "layer_02_moe_expert_001/model_002.pt"
 
 
 def small_config(model_dir, seed=1, **overrides):
-    """2 layers of 2 groups x 2 experts, n_embd 16, trained on the shipped Hamlet."""
+    """2 layers of 2 groups x 2 experts, n_embd 16, trained on the shipped Hamlet; the
+    shared expert a quarter of the active width, which the file sizes below are worked out
+    for (routed experts 24 wide, the shared one 16)."""
     base = dict(n_embd=16, n_layer=2, block_size=16, num_moes=2, num_experts=2, batch_size=2,
                 max_iters=2, eval_interval=2, eval_iters=2, sample_tokens=8, seed=seed,
-                model_dir=str(model_dir))
+                shared_fraction=0.25, model_dir=str(model_dir))
     base.update(overrides)
     return tiny_config(**base)
 
@@ -98,7 +100,8 @@ def test_swap_replaces_one_file_and_the_model_still_verifies(models, capsys):
 
 def test_swap_refuses_a_file_of_another_shape(models, tmp_path, capsys):
     a, _ = models
-    wide = HiMoEModel(tiny_config(n_embd=32, n_layer=2, num_moes=2, num_experts=2))
+    wide = HiMoEModel(tiny_config(n_embd=32, n_layer=2, num_moes=2, num_experts=2,
+                                  shared_fraction=0.25))
     checkpoint.save_model(wide, [chr(65 + i) for i in range(20)], 1, tmp_path / "wide")
     before = digests(a)
     code, _, err = himoe(["experts", "swap", "--model_dir", a, "--from_dir", tmp_path / "wide",

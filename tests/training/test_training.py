@@ -82,16 +82,16 @@ def test_parameter_counts_of_the_card_preset_are_near_the_cards():
     assert active / total == pytest.approx(0.033, abs=0.003)
 
 
-def test_the_default_has_the_cards_active_parameters_and_two_fifths_of_its_total():
+def test_the_default_has_the_cards_active_parameters_and_a_quarter_of_its_total():
     card = dataclasses.replace(HiMoEConfig(), **preset_values("himoe-card", {}), vocab_size=65)
     default = dataclasses.replace(HiMoEConfig(), vocab_size=65)
     (card_total, card_active), (total, active) = (HiMoEModel(c).parameter_counts()
                                                   for c in (card, default))
-    # The shared expert (256 wide) and two routed experts (384) make the card's one expert,
-    # but for two more output biases of n_embd per layer; 48 routed experts of 384, against
-    # the card's 96 of 1024, and the 1.1M backbone: 19.8M against 51.1M.
+    # The shared expert (512 wide) and two routed experts (256) make the card's one expert,
+    # but for two more output biases of n_embd per layer; 48 routed experts of 256, against
+    # the card's 96 of 1024, and the 1.1M backbone: 13.8M against 51.1M.
     assert active - card_active == 2 * default.n_embd * default.n_layer
-    assert total == pytest.approx(0.388 * card_total, rel=0.01)
+    assert total == pytest.approx(0.27 * card_total, rel=0.01)
 
 
 def test_mfu_counts_six_flops_per_active_parameter():

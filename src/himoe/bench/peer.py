@@ -3,9 +3,10 @@
 
 Qwen2-MoE is a flat top-k MoE with a gated shared expert, SwiGLU experts without biases,
 RMSNorm and rotary positions. Matched to the default (2 layers, n_embd 256, 48 experts of
-which 2 per token, each 256 -> 384 -> 256 GELU, a 256-wide shared expert): a SwiGLU expert
+which 2 per token, each 256 -> 256 -> 256 GELU, a 512-wide shared expert): a SwiGLU expert
 of width 2/3 * F has the parameters and multiply-adds of a GELU expert of width F, so the
-experts are 256 wide and the shared one 171. Both sides train with AdamW (fused, the same
+experts are 168 wide (2/3 * 256 rounded to a multiple of 8, as grouped_mm wants)
+and the shared one 341. Both sides train with AdamW (fused, the same
 betas, rate and weight decay) and the same gradient clip; Qwen2-MoE adds its own Switch-style
 balancing loss (router_aux_loss_coef), as himoe's default adds its own.
 """
@@ -28,7 +29,9 @@ def qwen2_moe_config(cfg: HiMoEConfig):
         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
         max_position_embeddings=cfg.block_size, tie_word_embeddings=True,
         num_experts=cfg.total_experts, num_experts_per_tok=cfg.experts_per_token,
-        moe_intermediate_size=round(2 * cfg.ffn_hidden / 3),
+        # grouped_mm wants each row a whole number of 16-byte units (8 bf16 values), so
+        # the experts' width is rounded to a multiple of 8: within 2% of the match.
+        moe_intermediate_size=8 * round(2 * cfg.ffn_hidden / 3 / 8),
         shared_expert_intermediate_size=round(2 * cfg.shared_hidden / 3),
         decoder_sparse_step=1,
         output_router_logits=True, router_aux_loss_coef=cfg.switch_coef,

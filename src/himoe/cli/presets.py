@@ -16,11 +16,11 @@ _SOURCE = dict(shared_fraction=0.0, switch_coef=0.0, bias_update_rate=0.0,
                bias_rate_schedule="constant", dropout=0.1)
 
 PRESETS: dict[str, dict] = {
-    # himoe's default: one group, then two of its experts, beside a shared expert of a
-    # quarter of the active width; two-level Switch loss 0.01, loss-free bias 1e-3 whose
-    # step follows the learning-rate schedule, and no dropout (docs/routing_study.md); what
-    # no --preset gives.
-    "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=2, shared_fraction=0.25,
+    # himoe's default: one group, then two of its experts, beside a shared expert of half
+    # the active width (a quarter until 2026-12-08, docs/efficiency.md); two-level Switch
+    # loss 0.01, loss-free bias 1e-3 whose step follows the learning-rate schedule, and no
+    # dropout (docs/routing_study.md); what no --preset gives.
+    "himoe": dict(router="hierarchical", top_k_groups=1, top_k_experts=2, shared_fraction=0.5,
                   switch_coef=0.01, bias_update_rate=1e-3, bias_rate_schedule="lr",
                   dropout=0.0),
     # The HiMoE card: hierarchical hard top-1 at both levels, no balancing loss, and the

@@ -164,7 +164,7 @@ register_router(RouterSpec(
     main_entries=((WEIGHT, "main_weight_ND"), (BALANCE_BIAS, "group_bias_N")),
     group_entries=((WEIGHT, "group_weight_NMD"), (BALANCE_BIAS, "expert_bias_E")),
     hf_name="hierarchical", gates=("main_weight_ND", "group_weight_NMD"),
-    balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.25),
+    balance_levers=(("switch_coef", 0.01), ("shared_fraction", 0.5),
                     ("bias_update_rate", 1e-3)), options=ROUTER_OPTIONS))
 register_router(RouterSpec(
     "grouped", "Hi-MoE", _routing_class("flat", "GroupedRouter"),
