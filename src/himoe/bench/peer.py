@@ -5,10 +5,10 @@ Qwen2-MoE is a flat top-k MoE with a gated shared expert, SwiGLU experts without
 RMSNorm and rotary positions. Matched to the default (2 layers, n_embd 256, 48 experts of
 which 2 per token, each 256 -> 256 -> 256 GELU, a 512-wide shared expert): a SwiGLU expert
 of width 2/3 * F has the parameters and multiply-adds of a GELU expert of width F, so the
-experts are 168 wide (2/3 * 256 rounded to a multiple of 8, as grouped_mm wants)
-and the shared one 341. Both sides train with AdamW (fused, the same
-betas, rate and weight decay) and the same gradient clip; Qwen2-MoE adds its own Switch-style
-balancing loss (router_aux_loss_coef), as himoe's default adds its own.
+experts are 168 wide (2/3 * 256 rounded to a multiple of 8, as grouped_mm wants) and the
+shared one 341. Both sides train with AdamW (fused, the same betas, rate and weight decay)
+and the same gradient clip; Qwen2-MoE adds its own Switch-style balancing loss
+(router_aux_loss_coef), as himoe's default adds its own.
 """
 
 from __future__ import annotations
